@@ -1,0 +1,1 @@
+"""k2: a JAX research codebase for Kimi K2 (MLA + MoE, MuonClip, SFT, RL)."""
