@@ -1,0 +1,90 @@
+"""Multi-head latent attention (MLA; DeepSeek-V2 section 2.1), with per-head max logits for QK-Clip.
+
+Einsum legend: B batch, T query time, S key time, D model width, H heads, Q q_lora_rank, C kv_lora_rank,
+K qk head dim (nope + rope), N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim.
+
+Parameter layout keeps the head axis explicit so QK-Clip can rescale one head's slices:
+  q_b_proj [Q, H, K] (or q_proj [D, H, K]): per head, [:N] is q_nope, [N:] is q_rope.
+  kv_b_proj [C, H, N + V]: per head, [:N] is k_nope, [N:] is v.
+  kv_a_proj [D, C + R]: the latent and the ONE rope key shared by all heads (QK-Clip never touches it).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k2 import rope as rope_lib
+from k2 import sharding
+from k2.config import MLAConfig, RopeConfig
+from k2.norms import RMSNorm
+
+
+def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
+                        sm_scale: float) -> tuple[jax.Array, jax.Array]:
+  """Causal softmax attention with packed-document masking, materializing the logits.
+
+  q: [B, T, H, K], k: [B, T, H, K], v: [B, T, H, V], segment_ids: [B, T] (tokens attend only within their
+  segment). Returns out [B, T, H, V] in v's dtype and max_logits [B, H] float32: the largest scaled pre-softmax
+  logit over valid (causal, same-segment) query/key pairs, which QK-Clip compares with tau.
+  """
+  seq_len = q.shape[1]
+  logits = jnp.einsum('BTHK,BSHK->BHTS', q, k, preferred_element_type=jnp.float32) * sm_scale
+  mask = jnp.tril(jnp.ones((seq_len, seq_len), dtype=bool))[None, None]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+  max_logits = jnp.max(jnp.where(mask, logits, -jnp.inf), axis=(2, 3))
+  probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
+  out = jnp.einsum('BHTS,BSHV->BTHV', probs.astype(v.dtype), v)
+  return out, max_logits
+
+
+class MLA(nnx.Module):
+  """x: [B, T, D] -> (out [B, T, D], max_logits [B, H])."""
+
+  def __init__(self, config: MLAConfig, rope: RopeConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16,
+               param_dtype=jnp.float32):
+    self.config, self.rope, self.dtype = config, rope, dtype
+    c, p = config, param_dtype
+    heads_k = (c.num_heads, c.qk_head_dim)
+    if c.q_lora_rank is None:
+      self.q_proj = sharding.param(rngs, (c.hidden_size, *heads_k), ('embed', 'heads', 'head_dim'), p)
+    else:
+      self.q_a_proj = sharding.param(rngs, (c.hidden_size, c.q_lora_rank), ('embed', 'q_lora'), p)
+      self.q_a_norm = RMSNorm(c.q_lora_rank, eps=c.rms_norm_eps, param_dtype=p)
+      self.q_b_proj = sharding.param(rngs, (c.q_lora_rank, *heads_k), ('q_lora', 'heads', 'head_dim'), p)
+    self.kv_a_proj = sharding.param(rngs, (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim),
+                                    ('embed', 'kv_lora'), p)
+    self.kv_a_norm = RMSNorm(c.kv_lora_rank, eps=c.rms_norm_eps, param_dtype=p)
+    self.kv_b_proj = sharding.param(rngs, (c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim),
+                                    ('kv_lora', 'heads', 'head_dim'), p)
+    self.o_proj = sharding.param(rngs, (c.num_heads, c.v_head_dim, c.hidden_size), ('heads', 'head_dim', 'embed'),
+                                 p, stddev=(c.num_heads * c.v_head_dim) ** -0.5)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None):
+    c, dtype = self.config, self.dtype
+    x = x.astype(dtype)
+    w = lambda param: param[...].astype(dtype)
+    if c.q_lora_rank is None:
+      q = jnp.einsum('BTD,DHK->BTHK', x, w(self.q_proj))
+    else:
+      q_latent = self.q_a_norm(jnp.einsum('BTD,DQ->BTQ', x, w(self.q_a_proj)))
+      q = jnp.einsum('BTQ,QHK->BTHK', q_latent, w(self.q_b_proj))
+    q = sharding.constrain(q, ('batch', 'seq', 'act_heads', None))
+    q_nope, q_rope = q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]
+
+    kv = jnp.einsum('BTD,DC->BTC', x, w(self.kv_a_proj))
+    kv_latent, k_rope = kv[..., :c.kv_lora_rank], kv[..., c.kv_lora_rank:]
+    kv_up = jnp.einsum('BTC,CHK->BTHK', self.kv_a_norm(kv_latent), w(self.kv_b_proj))
+    kv_up = sharding.constrain(kv_up, ('batch', 'seq', 'act_heads', None))
+    k_nope, v = kv_up[..., :c.qk_nope_head_dim], kv_up[..., c.qk_nope_head_dim:]
+
+    q_rope = rope_lib.apply_rope(q_rope, positions, self.rope)
+    k_rope = rope_lib.apply_rope(k_rope[:, :, None, :], positions, self.rope)  # [B, T, 1, R], shared by heads
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:3] + k_rope.shape[-1:])], axis=-1)
+
+    out, max_logits = attention_reference(q, k, v, segment_ids, rope_lib.softmax_scale(c.qk_head_dim, self.rope))
+    out = sharding.constrain(out, ('batch', 'seq', 'act_heads', None))
+    return jnp.einsum('BTHV,HVD->BTD', out, w(self.o_proj)), max_logits

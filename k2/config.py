@@ -1,0 +1,223 @@
+"""Model configurations: one frozen dataclass per component, composed into `ModelConfig`.
+
+Named variants (`k2_full`, `k2_small`, `k2_tiny`) live in `VARIANTS`; `get_config(name)` returns one. Numbers for
+`k2_full` are `shared/K2_REFERENCE.md` section 1 (the Kimi K2 technical report, arXiv 2507.20534).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot describe a valid model; the message names the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnConfig:
+  """YaRN RoPE extension (Peng et al. 2023) as DeepSeek-V3 / K2 configure it.
+
+  factor: context extension ratio (K2: 32, from 4096 to 131072).
+  mscale, mscale_all_dim: YaRN attention-scale correction. The softmax scale is multiplied by
+    mscale(factor, mscale_all_dim)**2 and cos/sin by mscale(factor, mscale) / mscale(factor, mscale_all_dim).
+  """
+  factor: float
+  original_max_position_embeddings: int
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float | None = None
+  mscale_all_dim: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+  """Decoupled RoPE applied to the qk_rope_head_dim slice of queries and the shared rope key."""
+  head_dim: int
+  theta: float
+  max_position_embeddings: int
+  yarn: YarnConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+  """Multi-head latent attention (DeepSeek-V2 section 2.1). q_lora_rank None means a plain q projection."""
+  hidden_size: int
+  num_heads: int
+  q_lora_rank: int | None
+  kv_lora_rank: int
+  qk_nope_head_dim: int
+  qk_rope_head_dim: int
+  v_head_dim: int
+  rms_norm_eps: float = 1e-6
+
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Routed + shared experts with a sigmoid router and aux-loss-free bias (DeepSeek-V3 section 2.1.2)."""
+  hidden_size: int
+  num_experts: int
+  num_experts_per_token: int
+  num_shared_experts: int
+  expert_intermediate_size: int
+  routed_scaling_factor: float
+  n_group: int = 1
+  topk_group: int = 1
+  norm_topk_prob: bool = True
+  balance_loss_weight: float = 0.0  # sequence-wise balance loss (DeepSeek-V3 eq. 17-20); off by default
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A whole K2-family decoder. `dtype` is the compute dtype, `param_dtype` the storage dtype."""
+  vocab_size: int
+  num_layers: int
+  first_k_dense: int
+  dense_intermediate_size: int
+  attention: MLAConfig
+  moe: MoEConfig
+  rope: RopeConfig
+  rms_norm_eps: float = 1e-6
+  dtype: str = 'bfloat16'
+  param_dtype: str = 'float32'
+
+  def __post_init__(self):
+    validate(self)
+
+  @property
+  def hidden_size(self) -> int:
+    return self.attention.hidden_size
+
+  @property
+  def num_moe_layers(self) -> int:
+    return self.num_layers - self.first_k_dense
+
+  def replace(self, **changes) -> 'ModelConfig':
+    return dataclasses.replace(self, **changes)
+
+
+def validate(config: ModelConfig) -> None:
+  """Raises ConfigError naming the first inconsistency in `config`."""
+  att, moe, rope = config.attention, config.moe, config.rope
+  positive = {
+      'vocab_size': config.vocab_size, 'num_layers': config.num_layers,
+      'hidden_size': att.hidden_size, 'num_heads': att.num_heads, 'kv_lora_rank': att.kv_lora_rank,
+      'qk_nope_head_dim': att.qk_nope_head_dim, 'qk_rope_head_dim': att.qk_rope_head_dim,
+      'v_head_dim': att.v_head_dim, 'num_experts': moe.num_experts,
+      'num_experts_per_token': moe.num_experts_per_token, 'expert_intermediate_size': moe.expert_intermediate_size,
+      'max_position_embeddings': rope.max_position_embeddings, 'n_group': moe.n_group, 'topk_group': moe.topk_group,
+  }
+  for name, value in positive.items():
+    if not isinstance(value, int) or value <= 0:
+      raise ConfigError(f'{name} must be a positive integer, got {value!r}')
+  if att.q_lora_rank is not None and att.q_lora_rank <= 0:
+    raise ConfigError(f'q_lora_rank must be a positive integer or None, got {att.q_lora_rank!r}')
+  if not 0 <= config.first_k_dense <= config.num_layers:
+    raise ConfigError(f'first_k_dense={config.first_k_dense} must lie in [0, num_layers={config.num_layers}]')
+  if config.first_k_dense > 0 and config.dense_intermediate_size <= 0:
+    raise ConfigError(f'dense_intermediate_size must be positive, got {config.dense_intermediate_size}')
+  if att.qk_rope_head_dim % 2:
+    raise ConfigError(f'qk_rope_head_dim={att.qk_rope_head_dim} must be even (RoPE rotates pairs)')
+  if rope.head_dim != att.qk_rope_head_dim:
+    raise ConfigError(f'rope.head_dim={rope.head_dim} != attention.qk_rope_head_dim={att.qk_rope_head_dim}')
+  if moe.hidden_size != att.hidden_size:
+    raise ConfigError(f'moe.hidden_size={moe.hidden_size} != attention.hidden_size={att.hidden_size}')
+  if moe.num_experts_per_token > moe.num_experts:
+    raise ConfigError(f'num_experts_per_token={moe.num_experts_per_token} exceeds num_experts={moe.num_experts}')
+  if moe.num_experts % moe.n_group:
+    raise ConfigError(f'num_experts={moe.num_experts} is not divisible by n_group={moe.n_group}')
+  if moe.topk_group > moe.n_group:
+    raise ConfigError(f'topk_group={moe.topk_group} exceeds n_group={moe.n_group}')
+  if moe.n_group > 1 and moe.num_experts // moe.n_group < 2:
+    raise ConfigError('group-limited routing needs at least 2 experts per group')
+  if moe.n_group > 1 and moe.topk_group * (moe.num_experts // moe.n_group) < moe.num_experts_per_token:
+    raise ConfigError(f'topk_group={moe.topk_group} groups of {moe.num_experts // moe.n_group} experts cannot '
+                      f'hold num_experts_per_token={moe.num_experts_per_token}')
+  for name in ('dtype', 'param_dtype'):
+    if getattr(config, name) not in ('float32', 'bfloat16', 'float16'):
+      raise ConfigError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(config, name)!r}")
+  if rope.yarn is not None and rope.yarn.factor <= 0:
+    raise ConfigError(f'yarn factor must be positive, got {rope.yarn.factor}')
+
+
+def make_config(*, vocab_size: int, hidden_size: int, num_layers: int, first_k_dense: int,
+                dense_intermediate_size: int, num_heads: int, q_lora_rank: int | None, kv_lora_rank: int,
+                qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, num_experts: int,
+                num_experts_per_token: int, num_shared_experts: int, expert_intermediate_size: int,
+                routed_scaling_factor: float, rope_theta: float, max_position_embeddings: int,
+                yarn: YarnConfig | None = None, n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
+                rms_norm_eps: float = 1e-6, balance_loss_weight: float = 0.0, dtype: str = 'bfloat16',
+                param_dtype: str = 'float32') -> ModelConfig:
+  """Builds a ModelConfig from flat fields (the shape a checkpoint's config.json or a gin file has)."""
+  return ModelConfig(
+      vocab_size=vocab_size, num_layers=num_layers, first_k_dense=first_k_dense,
+      dense_intermediate_size=dense_intermediate_size, rms_norm_eps=rms_norm_eps, dtype=dtype,
+      param_dtype=param_dtype,
+      attention=MLAConfig(
+          hidden_size=hidden_size, num_heads=num_heads, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank,
+          qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim,
+          rms_norm_eps=rms_norm_eps),
+      moe=MoEConfig(
+          hidden_size=hidden_size, num_experts=num_experts, num_experts_per_token=num_experts_per_token,
+          num_shared_experts=num_shared_experts, expert_intermediate_size=expert_intermediate_size,
+          routed_scaling_factor=routed_scaling_factor, n_group=n_group, topk_group=topk_group,
+          norm_topk_prob=norm_topk_prob, balance_loss_weight=balance_loss_weight),
+      rope=RopeConfig(head_dim=qk_rope_head_dim, theta=rope_theta,
+                      max_position_embeddings=max_position_embeddings, yarn=yarn),
+  )
+
+
+K2_YARN = YarnConfig(factor=32.0, original_max_position_embeddings=4096, beta_fast=1.0, beta_slow=1.0,
+                     mscale=1.0, mscale_all_dim=1.0)
+
+
+def k2_full() -> ModelConfig:
+  """Exactly Kimi K2: 1.04T total, 32.6B activated parameters."""
+  return make_config(
+      vocab_size=163840, hidden_size=7168, num_layers=61, first_k_dense=1, dense_intermediate_size=18432,
+      num_heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+      v_head_dim=128, num_experts=384, num_experts_per_token=8, num_shared_experts=1,
+      expert_intermediate_size=2048, routed_scaling_factor=2.827, rope_theta=50000.0,
+      max_position_embeddings=131072, yarn=K2_YARN)
+
+
+def k2_small() -> ModelConfig:
+  """K2-shaped (MLA, 1 dense layer then sigmoid-routed MoE with a shared expert), ~2B total, for one H200."""
+  return make_config(
+      vocab_size=163840, hidden_size=1024, num_layers=12, first_k_dense=1, dense_intermediate_size=2816,
+      num_heads=16, q_lora_rank=384, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+      v_head_dim=64, num_experts=64, num_experts_per_token=6, num_shared_experts=1,
+      expert_intermediate_size=512, routed_scaling_factor=2.827, rope_theta=50000.0,
+      max_position_embeddings=4096)
+
+
+def k2_tiny() -> ModelConfig:
+  """A few million parameters: trains on a laptop CPU in minutes; every K2 mechanism is present."""
+  return make_config(
+      vocab_size=4096, hidden_size=128, num_layers=4, first_k_dense=1, dense_intermediate_size=384,
+      num_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+      v_head_dim=32, num_experts=8, num_experts_per_token=2, num_shared_experts=1,
+      expert_intermediate_size=96, routed_scaling_factor=2.827, rope_theta=50000.0,
+      max_position_embeddings=1024, dtype='float32')
+
+
+VARIANTS = {'k2_full': k2_full, 'k2_small': k2_small, 'k2_tiny': k2_tiny}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+  """Returns the named variant, with top-level field overrides (e.g. dtype='float32')."""
+  if name not in VARIANTS:
+    raise ConfigError(f'unknown model {name!r}; known models: {", ".join(sorted(VARIANTS))}')
+  config = VARIANTS[name]()
+  return config.replace(**overrides) if overrides else config
+
+
+def yarn_mscale(factor: float, mscale: float | None = 1.0) -> float:
+  """YaRN's attention temperature 0.1 * mscale * ln(factor) + 1 (YaRN eq. 22 as DeepSeek parameterizes it)."""
+  if factor <= 1 or not mscale:
+    return 1.0
+  return 0.1 * mscale * math.log(factor) + 1.0

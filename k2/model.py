@@ -1,0 +1,97 @@
+"""The K2 decoder: embeddings, `first_k_dense` dense SwiGLU layers, then MoE layers; MLA attention in every layer.
+
+`Transformer(config, rngs=...)(tokens) -> (logits, aux)` with
+  tokens      [B, T] int32
+  logits      [B, T, vocab] float32
+  aux['max_logits']   [num_layers, H] float32: per layer and head, the largest pre-softmax logit over the batch
+                      (what QK-Clip compares with tau; masked positions excluded)
+  aux['expert_load']  [num_moe_layers, E] float32: tokens routed to each expert (for aux-loss-free balancing)
+  aux['balance_loss'] [] float32: the weighted sequence-wise balance loss summed over MoE layers (0 when off)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from k2 import sharding
+from k2.attention import MLA
+from k2.config import ModelConfig
+from k2.mlp import MLP
+from k2.moe import MoE
+from k2.norms import RMSNorm
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)); ffn is an MLP or an MoE."""
+
+  def __init__(self, config: ModelConfig, *, is_moe: bool, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    self.is_moe = is_moe
+    self.attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+    self.attn = MLA(config.attention, config.rope, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+    if is_moe:
+      self.ffn = MoE(config.moe, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    else:
+      self.ffn = MLP(config.hidden_size, config.dense_intermediate_size, rngs=rngs, dtype=dtype,
+                     param_dtype=param_dtype)
+
+  def __call__(self, x, positions, segment_ids):
+    attn_out, max_logits = self.attn(self.attn_norm(x), positions, segment_ids)
+    x = x + attn_out.astype(x.dtype)
+    ffn_out = self.ffn(self.ffn_norm(x))
+    ffn_out, moe_aux = ffn_out if self.is_moe else (ffn_out, None)
+    x = sharding.constrain(x + ffn_out.astype(x.dtype), ('batch', 'seq', 'act_embed'))
+    return x, max_logits, moe_aux
+
+
+class Transformer(nnx.Module):
+  """The whole model; see the module docstring for shapes."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    param_dtype = jnp.dtype(config.param_dtype)
+    self.embed = sharding.param(rngs, (config.vocab_size, config.hidden_size), ('vocab', 'embed'), param_dtype,
+                                stddev=1.0)
+    self.layers = nnx.List([DecoderLayer(config, is_moe=i >= config.first_k_dense, rngs=rngs)
+                            for i in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+    self.lm_head = sharding.param(rngs, (config.hidden_size, config.vocab_size), ('embed', 'vocab'), param_dtype)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None):
+    """tokens, positions, segment_ids: [B, T] int32. Positions default to 0..T-1, one segment per row."""
+    dtype = jnp.dtype(self.config.dtype)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+    x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
+    max_logits, expert_loads, balance_loss = [], [], jnp.zeros((), jnp.float32)
+    for layer in self.layers:
+      x, layer_max_logits, moe_aux = layer(x, positions, segment_ids)
+      max_logits.append(jnp.max(layer_max_logits, axis=0))
+      if moe_aux is not None:
+        expert_loads.append(moe_aux['expert_load'])
+        balance_loss = balance_loss + moe_aux.get('balance_loss', 0.0)
+    x = self.final_norm(x)
+    logits = jnp.einsum('BTD,DV->BTV', x, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
+    logits = sharding.constrain(logits, ('batch', 'seq', 'act_vocab'))
+    num_experts = self.config.moe.num_experts
+    aux = {
+        'max_logits': jnp.stack(max_logits),
+        'expert_load': jnp.stack(expert_loads) if expert_loads else jnp.zeros((0, num_experts), jnp.float32),
+        'balance_loss': balance_loss,
+    }
+    return logits, aux
+
+
+def create(config: ModelConfig, seed: int = 0) -> Transformer:
+  """A randomly initialized model."""
+  return Transformer(config, rngs=nnx.Rngs(params=seed))
+
+
+def abstract(config: ModelConfig) -> Transformer:
+  """The model with ShapeDtypeStructs instead of arrays: shapes and counts with no memory allocated."""
+  return nnx.eval_shape(lambda: create(config))
