@@ -82,22 +82,27 @@ def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], me
   return PartitionSpec(*spec)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES):
-  """NamedShardings for every Variable in an nnx.State, from its `logical_axes` metadata (replicated if none)."""
-  def one(variable):
-    axes = variable.get_metadata().get('logical_axes')
-    shape = variable.shape
-    if axes is None:
-      return NamedSharding(mesh, PartitionSpec())
-    return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
-  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def variable_sharding(variable: nnx.Variable, mesh: Mesh,
+                      rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> NamedSharding:
+  """NamedSharding of one Variable from its `logical_axes` metadata (replicated if it has none)."""
+  axes = variable.get_metadata().get('logical_axes')
+  if axes is None:
+    return NamedSharding(mesh, PartitionSpec())
+  return NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, rules))
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> nnx.State:
+  """The State's structure with each Variable's value replaced by its NamedSharding (for jit in/out shardings)."""
+  return nnx.from_flat_state([(path, variable.replace(variable_sharding(variable, mesh, rules)))
+                              for path, variable in nnx.to_flat_state(state)])
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> None:
   """Places every variable of `model` on `mesh` according to its logical axes (in place)."""
   state = nnx.state(model)
-  shardings = state_shardings(state, mesh, rules)
-  nnx.update(model, jax.tree.map(lambda v, s: jax.device_put(v, s), state, shardings))
+  nnx.update(model, nnx.from_flat_state([
+      (path, variable.replace(jax.device_put(variable[...], variable_sharding(variable, mesh, rules))))
+      for path, variable in nnx.to_flat_state(state)]))
 
 
 class _Context(threading.local):
