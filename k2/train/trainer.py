@@ -1,4 +1,4 @@
-"""Pretraining loop: a pure jitted `train_step`, aux-loss-free router balancing, metrics.jsonl and console lines.
+"""Pretraining loop: a pure jitted MuonClip `train_step`, aux-loss-free router balancing, metrics.jsonl, console.
 
 The embedded default trains k2_tiny on the Python standard library's source (k2.data.stdlib_text) on a CPU.
 """
@@ -20,7 +20,7 @@ from flax import nnx
 from k2 import model as model_lib
 from k2.config import ConfigError, get_config
 from k2.data import stdlib_text
-from k2.moe import RouterBias
+from k2.optim import muonclip, qk_clip, wsd_schedule
 
 gin.external_configurable(get_config, 'model_config')
 
@@ -44,17 +44,20 @@ def update_router_bias(model: model_lib.Transformer, expert_load: jax.Array, rat
     moe.router_bias[...] = moe.router_bias[...] + rate * jnp.sign(jnp.mean(load) - load)
 
 
-@nnx.jit(donate_argnums=(0, 1), static_argnames=('bias_update_rate',))
-def train_step(model, optimizer, batch, bias_update_rate: float = 1e-3):
-  """One step: gradients of the loss w.r.t. the nnx.Params, optimizer update, router-bias update."""
+@nnx.jit(donate_argnums=(0, 1), static_argnames=('qk_clip_tau', 'bias_update_rate'))
+def train_step(model, optimizer, batch, qk_clip_tau: float = 100.0, bias_update_rate: float = 1e-3):
+  """One MuonClip step: gradients w.r.t. the nnx.Params, optimizer update, QK-Clip with this step's max logits
+  (no extra forward), router-bias update."""
   grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
   (_, (loss, aux)), grads = grad_fn(model, batch)
   optimizer.update(model, grads)
+  clipped, clip_stats = qk_clip(nnx.state(model, nnx.Param), aux['max_logits'], qk_clip_tau, model.config)
+  nnx.update(model, clipped)
   update_router_bias(model, aux['expert_load'], bias_update_rate)
   load = aux['expert_load']
   return {
       'loss': loss, 'grad_norm': optax.global_norm(grads),
-      'max_logit': jnp.max(aux['max_logits']),
+      'max_logit': jnp.max(aux['max_logits']), 'clipped_heads': clip_stats['clipped_heads'],
       'expert_load_max_over_mean': jnp.max(load / jnp.mean(load, axis=-1, keepdims=True)) if load.size else 1.0,
   }
 
@@ -66,7 +69,8 @@ def eval_step(model, batch):
 
 @gin.configurable(denylist=['workdir'])
 def train(workdir: str, model_config=gin.REQUIRED, num_steps: int = 100, batch_size: int = 8, seq_len: int = 128,
-          learning_rate: float = 3e-3, warmup_steps: int = 20, seed: int = 0, log_every: int = 10,
+          learning_rate: float = 3e-3, warmup_steps: int = 20, decay_fraction: float = 0.2,
+          weight_decay: float = 0.1, qk_clip_tau: float = 100.0, seed: int = 0, log_every: int = 10,
           eval_batches: int = 4):
   """Trains a freshly initialized model and returns its final validation loss."""
   if seq_len > model_config.rope.max_position_embeddings:
@@ -77,14 +81,16 @@ def train(workdir: str, model_config=gin.REQUIRED, num_steps: int = 100, batch_s
     f.write(gin.operative_config_str())
   model = model_lib.create(model_config, seed=seed)
   warmup_steps = min(warmup_steps, num_steps // 2)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, num_steps, learning_rate / 10)
-  optimizer = nnx.Optimizer(model, optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1), wrt=nnx.Param)
+  decay_steps = max(1, int(num_steps * decay_fraction))
+  schedule = wsd_schedule(learning_rate, warmup_steps, max(0, num_steps - warmup_steps - decay_steps), decay_steps,
+                          learning_rate / 10)
+  optimizer = nnx.Optimizer(model, muonclip(schedule, weight_decay=weight_decay), wrt=nnx.Param)
   train_data = stdlib_text.batches('train', batch_size, seq_len, seed)
   start, tokens_seen = time.time(), 0
   with open(os.path.join(workdir, 'metrics.jsonl'), 'w') as metrics_file:
     for step in range(1, num_steps + 1):
       batch = jax.tree.map(jnp.asarray, next(train_data))
-      metrics = train_step(model, optimizer, batch)
+      metrics = train_step(model, optimizer, batch, qk_clip_tau=qk_clip_tau)
       tokens_seen += batch_size * seq_len
       if step % log_every == 0 or step == num_steps:
         metrics = {key: float(value) for key, value in metrics.items()}
@@ -95,6 +101,7 @@ def train(workdir: str, model_config=gin.REQUIRED, num_steps: int = 100, batch_s
         metrics_file.flush()
         eta = elapsed / step * (num_steps - step)
         print(f'step {step:5d}/{num_steps}  loss {metrics["loss"]:.4f}  max_logit {metrics["max_logit"]:.1f}  '
+              f'clipped {metrics["clipped_heads"]:.0f}  '
               f'{record["tokens_per_second"]:,.0f} tok/s  eta {eta:.0f}s', flush=True)
     eval_data = stdlib_text.batches('validation', batch_size, seq_len, seed)
     eval_loss = float(np.mean([eval_step(model, jax.tree.map(jnp.asarray, next(eval_data)))
