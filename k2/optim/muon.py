@@ -97,7 +97,7 @@ def newton_schulz(
 def _pallas_newton_schulz(x, steps, coeffs, eps, dtype):
   # Imported here, not at the top: pallas_kernels.newton_schulz.reference re-exports `newton_schulz` from this
   # module, so a top-level import would be circular.
-  from pallas_kernels.newton_schulz import ops  # pylint: disable=g-import-not-at-top
+  from pallas_kernels.newton_schulz import ops
   return ops.newton_schulz(x, steps=steps, coeffs=coeffs, eps=eps, dtype=dtype)
 
 
@@ -168,7 +168,7 @@ def muon(
 
   def init_fn(params):
     _check_all_matrices(params)
-    momentum_buffers = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), mu_dtype or jnp.result_type(p)), params)
+    momentum_buffers = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params)
     return MuonState(count=jnp.zeros([], jnp.int32), momentum=momentum_buffers)
 
   def update_fn(grads, state, params=None):
