@@ -20,12 +20,13 @@ SHAPES = [(64, 4, 48), (24, 2, 40), (3, 16, 8, 24), (512, 4, 256)]
 DTYPES = [jnp.float32, jnp.bfloat16]
 
 
-@pytest.mark.parametrize('shape, dtype', list(itertools.product(SHAPES, DTYPES)))
-def test_kernel_matches_reference(shape, dtype):
+# interpret=None compiles the kernel on a GPU/TPU and interprets it on CPU.
+@pytest.mark.parametrize('shape, dtype, interpret', list(itertools.product(SHAPES, DTYPES, [True, None])))
+def test_kernel_matches_reference(shape, dtype, interpret):
   weight = jax.random.normal(jax.random.key(0), shape, dtype)
   scales = jax.random.uniform(jax.random.key(1), shape[-2:], jnp.float32, 0.1, 1.0)
   expected = rescale_heads_reference(weight, scales)
-  out = rescale_heads(jnp.array(weight), scales, interpret=True, block_sizes=BlockSizes(64, 128))
+  out = rescale_heads(jnp.array(weight), scales, interpret=interpret, block_sizes=BlockSizes(64, 128))
   assert out.dtype == dtype and out.shape == shape
   np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)), np.asarray(expected.astype(jnp.float32)))
 

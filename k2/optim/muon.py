@@ -14,6 +14,7 @@ output head, norms, biases) are not Muon's business: K2 trains them with AdamW, 
 QK-Clip (the "Clip" of MuonClip) runs after this update and lives in its own module.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -108,6 +109,26 @@ def _orthogonalizer(ns_impl: str) -> Callable[..., jax.Array]:
   return _pallas_newton_schulz if ns_impl == 'pallas' else newton_schulz
 
 
+def orthogonalize_by_shape(tree: optax.Updates, orthogonalize: Callable[[jax.Array], jax.Array]) -> optax.Updates:
+  """Applies `orthogonalize` ([batch, n, m] -> same) once per distinct matrix shape [n, m], to every matrix of
+  that shape in `tree` stacked together: a model's layers repeat the same shapes, so a few large batched
+  Newton-Schulz calls replace one small call per leaf (which leaves an accelerator mostly idle)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  groups: dict[tuple[int, ...], list[int]] = {}
+  for i, leaf in enumerate(leaves):
+    groups.setdefault(leaf.shape[-2:], []).append(i)
+  out = list(leaves)
+  for shape, indices in groups.items():
+    dtype = jnp.result_type(*(leaves[i].dtype for i in indices))
+    stacked = jnp.concatenate([leaves[i].reshape(-1, *shape).astype(dtype) for i in indices])
+    result, offset = orthogonalize(stacked), 0
+    for i in indices:
+      count = math.prod(leaves[i].shape[:-2])
+      out[i] = result[offset:offset + count].reshape(leaves[i].shape)
+      offset += count
+  return jax.tree.unflatten(treedef, out)
+
+
 class MuonState(NamedTuple):
   """count: [] int32, number of updates done (the schedule is read at it); momentum: M_t, one buffer per param."""
   count: jax.Array
@@ -178,18 +199,21 @@ def muon(
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     orthogonalize = _orthogonalizer(ns_impl)
 
-    def leaf_step(grad, momentum_buffer, param):
+    def momentum_step(grad, momentum_buffer):
       new_momentum = momentum * momentum_buffer + grad  # M_t (promoted dtype, cast down only for storage)
       direction = momentum * new_momentum + grad if nesterov else new_momentum
-      orthogonalized = orthogonalize(direction, steps=ns_steps, coeffs=ns_coeffs, eps=1e-7, dtype=ns_dtype)
-      scaled = orthogonalized.astype(jnp.float32) * _update_rms_scale(param.shape, rms_scale)
-      update = -lr * (scaled + weight_decay * param)
-      return update.astype(param.dtype), new_momentum.astype(momentum_buffer.dtype)
+      return direction, new_momentum.astype(momentum_buffer.dtype)
 
-    steps = jax.tree.map(leaf_step, grads, state.momentum, params)
-    # Split the (update, momentum) pairs back into two trees shaped like params.
-    updates, new_momentum = jax.tree.transpose(
-        jax.tree.structure(params), jax.tree.structure((0, 0)), steps)
+    pairs = jax.tree.map(momentum_step, grads, state.momentum)
+    directions, new_momentum = jax.tree.transpose(jax.tree.structure(params), jax.tree.structure((0, 0)), pairs)
+    orthogonalized = orthogonalize_by_shape(
+        directions, lambda x: orthogonalize(x, steps=ns_steps, coeffs=ns_coeffs, eps=1e-7, dtype=ns_dtype))
+
+    def leaf_update(direction, param):
+      scaled = direction.astype(jnp.float32) * _update_rms_scale(param.shape, rms_scale)
+      return (-lr * (scaled + weight_decay * param)).astype(param.dtype)
+
+    updates = jax.tree.map(leaf_update, orthogonalized, params)
     return updates, MuonState(count=optax.safe_increment(state.count), momentum=new_momentum)
 
   return optax.GradientTransformation(init_fn, update_fn)
