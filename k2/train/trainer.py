@@ -56,7 +56,7 @@ def train_step(model, optimizer, batch, qk_clip_tau: float = 100.0, bias_update_
   update_router_bias(model, aux['expert_load'], bias_update_rate)
   load = aux['expert_load']
   return {
-      'loss': loss, 'grad_norm': optax.global_norm(grads),
+      'loss': loss, 'grad_norm': optax.tree.norm(grads),
       'max_logit': jnp.max(aux['max_logits']), 'clipped_heads': clip_stats['clipped_heads'],
       'expert_load_max_over_mean': jnp.max(load / jnp.mean(load, axis=-1, keepdims=True)) if load.size else 1.0,
   }
