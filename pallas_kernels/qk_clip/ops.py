@@ -52,16 +52,25 @@ def rescale_heads(weight: jax.Array, scales: jax.Array, *, interpret=None,
   rows, cols = math.prod(shape[:-2]), shape[-2] * shape[-1]
   matrix = weight.reshape(rows, cols)
   column_scales = scales.astype(jnp.float32).reshape(1, cols)
-  # Mosaic tiles are multiples of (8, 128) or whole dimensions; Triton wants powers of two.
-  block_rows = _block(rows, block_sizes.block_rows, 8)
-  block_cols = _block(cols, block_sizes.block_cols, 128)
+  if jax.default_backend() == 'gpu' and not interpret:
+    # Triton blocks must be powers of two: pad odd sides up to a whole number of blocks (K2's sides need none).
+    block_rows = min(block_sizes.block_rows, pl.next_power_of_2(rows))
+    block_cols = min(block_sizes.block_cols, pl.next_power_of_2(cols))
+  else:
+    # Mosaic tiles are multiples of (8, 128) or whole dimensions.
+    block_rows = _block(rows, block_sizes.block_rows, 8)
+    block_cols = _block(cols, block_sizes.block_cols, 128)
+  padded_rows, padded_cols = -(-rows // block_rows) * block_rows, -(-cols // block_cols) * block_cols
+  if (padded_rows, padded_cols) != (rows, cols):
+    matrix = jnp.pad(matrix, ((0, padded_rows - rows), (0, padded_cols - cols)))
+    column_scales = jnp.pad(column_scales, ((0, 0), (0, padded_cols - cols)))
   compiler_params = None
   if jax.default_backend() == 'tpu' or isinstance(interpret, pltpu.InterpretParams):
     compiler_params = pltpu.CompilerParams(dimension_semantics=('parallel', 'parallel'))
   out = pl.pallas_call(
       _rescale_kernel,
       out_shape=jax.ShapeDtypeStruct(matrix.shape, matrix.dtype),
-      grid=(rows // block_rows, cols // block_cols),
+      grid=(padded_rows // block_rows, padded_cols // block_cols),
       in_specs=[pl.BlockSpec((block_rows, block_cols), lambda i, j: (i, j)),
                 pl.BlockSpec((1, block_cols), lambda i, j: (0, j))],
       out_specs=pl.BlockSpec((block_rows, block_cols), lambda i, j: (i, j)),
@@ -70,4 +79,5 @@ def rescale_heads(weight: jax.Array, scales: jax.Array, *, interpret=None,
       interpret=interpret,
       name='qk_clip_rescale',
   )(matrix, column_scales)
+  out = out[:rows, :cols]
   return out.reshape(shape)
