@@ -50,6 +50,9 @@ class MLAConfig:
   qk_rope_head_dim: int
   v_head_dim: int
   rms_norm_eps: float = 1e-6
+  # 'reference' materializes the logits (k2.attention.attention_reference); 'flash' is the Pallas kernel in
+  # pallas_kernels/flash_attention; 'auto' picks flash on GPU/TPU and reference on CPU.
+  attention_impl: str = 'auto'
 
   @property
   def qk_head_dim(self) -> int:
@@ -69,6 +72,8 @@ class MoEConfig:
   topk_group: int = 1
   norm_topk_prob: bool = True
   balance_loss_weight: float = 0.0  # sequence-wise balance loss (DeepSeek-V3 eq. 17-20); off by default
+  # 'ragged_dot' is jax.lax.ragged_dot; 'pallas' is pallas_kernels/grouped_matmul; 'auto' picks pallas on GPU/TPU.
+  matmul_impl: str = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +142,10 @@ def validate(config: ModelConfig) -> None:
   if moe.n_group > 1 and moe.topk_group * (moe.num_experts // moe.n_group) < moe.num_experts_per_token:
     raise ConfigError(f'topk_group={moe.topk_group} groups of {moe.num_experts // moe.n_group} experts cannot '
                       f'hold num_experts_per_token={moe.num_experts_per_token}')
+  if att.attention_impl not in ('auto', 'reference', 'flash'):
+    raise ConfigError(f"attention_impl must be 'auto', 'reference' or 'flash', got {att.attention_impl!r}")
+  if moe.matmul_impl not in ('auto', 'ragged_dot', 'pallas'):
+    raise ConfigError(f"matmul_impl must be 'auto', 'ragged_dot' or 'pallas', got {moe.matmul_impl!r}")
   for name in ('dtype', 'param_dtype'):
     if getattr(config, name) not in ('float32', 'bfloat16', 'float16'):
       raise ConfigError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(config, name)!r}")
@@ -151,7 +160,8 @@ def make_config(*, vocab_size: int, hidden_size: int, num_layers: int, first_k_d
                 routed_scaling_factor: float, rope_theta: float, max_position_embeddings: int,
                 yarn: YarnConfig | None = None, n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
                 rms_norm_eps: float = 1e-6, balance_loss_weight: float = 0.0, dtype: str = 'bfloat16',
-                param_dtype: str = 'float32') -> ModelConfig:
+                param_dtype: str = 'float32', attention_impl: str = 'auto',
+                matmul_impl: str = 'auto') -> ModelConfig:
   """Builds a ModelConfig from flat fields (the shape a checkpoint's config.json or a gin file has)."""
   return ModelConfig(
       vocab_size=vocab_size, num_layers=num_layers, first_k_dense=first_k_dense,
@@ -160,12 +170,12 @@ def make_config(*, vocab_size: int, hidden_size: int, num_layers: int, first_k_d
       attention=MLAConfig(
           hidden_size=hidden_size, num_heads=num_heads, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank,
           qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim,
-          rms_norm_eps=rms_norm_eps),
+          rms_norm_eps=rms_norm_eps, attention_impl=attention_impl),
       moe=MoEConfig(
           hidden_size=hidden_size, num_experts=num_experts, num_experts_per_token=num_experts_per_token,
           num_shared_experts=num_shared_experts, expert_intermediate_size=expert_intermediate_size,
           routed_scaling_factor=routed_scaling_factor, n_group=n_group, topk_group=topk_group,
-          norm_topk_prob=norm_topk_prob, balance_loss_weight=balance_loss_weight),
+          norm_topk_prob=norm_topk_prob, balance_loss_weight=balance_loss_weight, matmul_impl=matmul_impl),
       rope=RopeConfig(head_dim=qk_rope_head_dim, theta=rope_theta,
                       max_position_embeddings=max_position_embeddings, yarn=yarn),
   )
@@ -209,11 +219,25 @@ VARIANTS = {'k2_full': k2_full, 'k2_small': k2_small, 'k2_tiny': k2_tiny}
 
 
 def get_config(name: str, **overrides) -> ModelConfig:
-  """Returns the named variant, with top-level field overrides (e.g. dtype='float32')."""
+  """Returns the named variant with field overrides, top-level (dtype='float32') or of one component
+  (attention_impl='reference' sets config.attention.attention_impl, num_experts=16 sets config.moe.num_experts)."""
   if name not in VARIANTS:
     raise ConfigError(f'unknown model {name!r}; known models: {", ".join(sorted(VARIANTS))}')
   config = VARIANTS[name]()
-  return config.replace(**overrides) if overrides else config
+  top = {f.name for f in dataclasses.fields(ModelConfig)}
+  nested: dict[str, dict] = {}
+  for key, value in overrides.items():
+    if key in top:
+      continue
+    owners = [part for part in ('attention', 'moe', 'rope') if key in
+              {f.name for f in dataclasses.fields(getattr(config, part))}]
+    if not owners:
+      raise ConfigError(f'unknown model config field {key!r}')
+    for part in owners:
+      nested.setdefault(part, {})[key] = value
+  changes = {k: v for k, v in overrides.items() if k in top}
+  changes.update({part: dataclasses.replace(getattr(config, part), **fields) for part, fields in nested.items()})
+  return config.replace(**changes) if changes else config
 
 
 def yarn_mscale(factor: float, mscale: float | None = 1.0) -> float:
