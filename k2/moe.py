@@ -11,6 +11,8 @@ trainer nudges it toward balance from the expert loads this layer reports.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +20,7 @@ from flax import nnx
 from k2 import sharding
 from k2.config import MoEConfig
 from k2.mlp import MLP
+from pallas_kernels.grouped_matmul import grouped_matmul as pallas_grouped_matmul
 
 
 class RouterBias(nnx.Variable):
@@ -43,8 +46,17 @@ def route(x: jax.Array, router_kernel: jax.Array, router_bias: jax.Array, config
   return gates * config.routed_scaling_factor, expert_ids.astype(jnp.int32), scores
 
 
-def grouped_matmul(x: jax.Array, weights: jax.Array, group_sizes: jax.Array) -> jax.Array:
-  """Rows of x, sorted by expert, times their expert's matrix. x: [M, A], weights: [E, A, B] -> [M, B]."""
+def grouped_matmul(x: jax.Array, weights: jax.Array, group_sizes: jax.Array, impl: str = 'auto') -> jax.Array:
+  """Rows of x, sorted by expert, times their expert's matrix. x: [M, A], weights: [E, A, B] -> [M, B].
+
+  impl (MoEConfig.matmul_impl): 'ragged_dot' is jax.lax.ragged_dot; 'pallas' is the Pallas kernel of
+  pallas_kernels/grouped_matmul (compiled on GPU/TPU, interpreted on CPU); 'auto' is pallas on GPU/TPU and
+  ragged_dot on CPU. H200 figures: BENCHMARKS.md (bench_moe).
+  """
+  if impl == 'auto':
+    impl = 'ragged_dot' if jax.default_backend() == 'cpu' else 'pallas'
+  if impl == 'pallas':
+    return pallas_grouped_matmul(x, weights, group_sizes)
   return jax.lax.ragged_dot(x, weights, group_sizes)
 
 
@@ -88,9 +100,9 @@ class MoE(nnx.Module):
     group_sizes = jnp.bincount(flat_ids, length=self.config.num_experts).astype(jnp.int32)
     sorted_x = jnp.take(x, order // top_k, axis=0)
     w = lambda param: param[...].astype(self.dtype)
-    hidden = (jax.nn.silu(grouped_matmul(sorted_x, w(self.gate_proj), group_sizes))
-              * grouped_matmul(sorted_x, w(self.up_proj), group_sizes))
-    sorted_y = grouped_matmul(hidden, w(self.down_proj), group_sizes)
+    matmul = functools.partial(grouped_matmul, group_sizes=group_sizes, impl=self.config.matmul_impl)
+    hidden = jax.nn.silu(matmul(sorted_x, w(self.gate_proj))) * matmul(sorted_x, w(self.up_proj))
+    sorted_y = matmul(hidden, w(self.down_proj))
     y = jnp.zeros_like(sorted_y).at[order].set(sorted_y).reshape(num_tokens, top_k, -1)
     return jnp.einsum('NKD,NK->ND', y, gates.astype(y.dtype))
 

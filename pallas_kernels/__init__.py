@@ -1,0 +1,1 @@
+from pallas_kernels.grouped_matmul.ops import grouped_matmul
