@@ -1,0 +1,17 @@
+"""Inference for K2 models: batched generation over an MLA latent KV cache.
+
+    from k2 import sample
+    result = sample.generate(model, prompts, max_new_tokens, temperature=0.0, seed=0)
+    result.tokens, result.logprobs, result.finish_reasons
+
+`generate` (batched, one jitted program), `stream` (one prompt, token by token), and the pieces they are made
+of: `init_cache` / `forward` (the model over a cache), `choose_tokens` (greedy, temperature, top-k, top-p), and
+`mla_cache` (latent cache, weight-absorbed attention and its naive references).
+"""
+
+from k2.sample import mla_cache
+from k2.sample.generate import DecodeOptions, GenerateResult, forward, generate, init_cache, stream
+from k2.sample.sampling import choose_tokens
+
+__all__ = ['DecodeOptions', 'GenerateResult', 'choose_tokens', 'forward', 'generate', 'init_cache', 'mla_cache',
+           'stream']

@@ -1,0 +1,269 @@
+"""K2 chat format: byte-for-byte rendering, tokens and loss mask, tool-call round trip, a parser that never raises."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from k2 import chat
+from k2.chat import template
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class ByteTokenizer:
+  """Stand-in tokenizer: UTF-8 bytes are ids 0-255; special tokens get the given ids."""
+
+  def __init__(self, special_tokens):
+    self.special_tokens = dict(special_tokens)
+
+  def encode(self, text):
+    return list(text.encode('utf-8'))
+
+  def decode(self, ids):
+    return bytes(ids).decode('utf-8', errors='replace')
+
+
+SMALL_IDS = ByteTokenizer({name: 256 + i for i, name in enumerate(chat.K2_SPECIAL_TOKENS)})
+K2_IDS = ByteTokenizer(chat.K2_SPECIAL_TOKENS)
+
+TOOLS = [{'type': 'function', 'function': {
+    'name': 'get_weather', 'description': 'Get the weather of a city.',
+    'parameters': {'type': 'object', 'properties': {'city': {'type': 'string'}}, 'required': ['city']}}}]
+
+CONVERSATION = [
+    chat.Message('user', 'What is the weather in Paris and in Rome?'),
+    chat.Message('assistant', 'Let me check.', tool_calls=(
+        chat.ToolCall('get_weather', {'city': 'Paris'}), chat.ToolCall('get_weather', {'city': 'Rome'}))),
+    chat.Message('tool', 'Sunny, 24 C'),
+    chat.Message('tool', 'Rain, 18 C', tool_call_id='functions.get_weather:1'),
+    chat.Message('assistant', 'Paris: sunny, 24 C. Rome: rain, 18 C.'),
+    chat.Message('user', 'Thanks! And Oslo?'),
+    chat.Message('assistant', tool_calls=(chat.ToolCall('get_weather', {'city': 'Oslo'}),)),
+    chat.Message('tool', '{"weather": "Snow", "celsius": -3}'),
+    chat.Message('assistant', 'Snow in Oslo, -3 C.'),
+]
+
+# K2_REFERENCE.md section 5, one message per line there, joined here with nothing between (see template.py).
+EXPECTED_TEXT = ''.join([
+    '<|im_system|>tool_declare<|im_middle|>[{"type": "function", "function": {"name": "get_weather", "description": '
+    '"Get the weather of a city.", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, '
+    '"required": ["city"]}}}]<|im_end|>',
+    '<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>',
+    '<|im_user|>user<|im_middle|>What is the weather in Paris and in Rome?<|im_end|>',
+    '<|im_assistant|>assistant<|im_middle|>Let me check.<|tool_calls_section_begin|>'
+    '<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|>'
+    '<|tool_call_begin|>functions.get_weather:1<|tool_call_argument_begin|>{"city": "Rome"}<|tool_call_end|>'
+    '<|tool_calls_section_end|><|im_end|>',
+    '<|im_system|>tool<|im_middle|>## Return of functions.get_weather:0\nSunny, 24 C<|im_end|>',
+    '<|im_system|>tool<|im_middle|>## Return of functions.get_weather:1\nRain, 18 C<|im_end|>',
+    '<|im_assistant|>assistant<|im_middle|>Paris: sunny, 24 C. Rome: rain, 18 C.<|im_end|>',
+    '<|im_user|>user<|im_middle|>Thanks! And Oslo?<|im_end|>',
+    '<|im_assistant|>assistant<|im_middle|><|tool_calls_section_begin|>'
+    '<|tool_call_begin|>functions.get_weather:2<|tool_call_argument_begin|>{"city": "Oslo"}<|tool_call_end|>'
+    '<|tool_calls_section_end|><|im_end|>',
+    '<|im_system|>tool<|im_middle|>## Return of functions.get_weather:2\n{"weather": "Snow", "celsius": -3}<|im_end|>',
+    '<|im_assistant|>assistant<|im_middle|>Snow in Oslo, -3 C.<|im_end|>',
+])
+ASSISTANT_OUTPUTS = [
+    EXPECTED_TEXT.split('<|im_assistant|>assistant<|im_middle|>')[i].split('<|im_end|>')[0] + '<|im_end|>'
+    for i in (1, 2, 3, 4)]
+
+
+def test_multi_turn_conversation_with_tools_renders_byte_for_byte():
+  assert chat.render_text(CONVERSATION, tools=TOOLS) == EXPECTED_TEXT
+
+
+def test_system_message_generation_prompt_and_openai_dicts():
+  messages = [chat.Message.from_dict(m) for m in [
+      {'role': 'system', 'content': 'Be brief.'},
+      {'role': 'user', 'content': 'hi'},
+      {'role': 'assistant', 'content': None, 'tool_calls': [
+          {'id': 'functions.f:7', 'type': 'function', 'function': {'name': 'f', 'arguments': '{"x": [1, 2]}'}}]},
+      {'role': 'tool', 'tool_call_id': 'functions.f:7', 'content': 'ok'},
+  ]]
+  assert chat.render_text(messages, add_generation_prompt=True) == (
+      '<|im_system|>system<|im_middle|>Be brief.<|im_end|>'
+      '<|im_user|>user<|im_middle|>hi<|im_end|>'
+      '<|im_assistant|>assistant<|im_middle|><|tool_calls_section_begin|><|tool_call_begin|>functions.f:7'
+      '<|tool_call_argument_begin|>{"x": [1, 2]}<|tool_call_end|><|tool_calls_section_end|><|im_end|>'
+      '<|im_system|>tool<|im_middle|>## Return of functions.f:7\nok<|im_end|>'
+      '<|im_assistant|>assistant<|im_middle|>')
+
+
+@pytest.mark.parametrize('tokenizer', [SMALL_IDS, K2_IDS], ids=['small_ids', 'k2_ids'])
+def test_tokens_and_loss_mask_match_the_text(tokenizer):
+  rendered = chat.render(CONVERSATION, tokenizer, tools=TOOLS)
+  assert rendered.text == EXPECTED_TEXT
+  assert len(rendered.tokens) == len(rendered.loss_mask)
+  assert chat.decode(rendered.tokens, tokenizer) == EXPECTED_TEXT
+  # Every special token is its single id (K2's ids when the tokenizer has them).
+  for name, token_id in tokenizer.special_tokens.items():
+    assert rendered.tokens.count(token_id) == EXPECTED_TEXT.count(name), name
+  if tokenizer is K2_IDS:
+    assert rendered.tokens[0] == 163594 and rendered.tokens[-1] == 163586
+  # The masked tokens are exactly the assistant outputs, each ending with its <|im_end|>.
+  runs, current = [], []
+  for token, trainable in zip(rendered.tokens, rendered.loss_mask):
+    if trainable:
+      current.append(token)
+    elif current:
+      runs.append(current)
+      current = []
+  runs += [current] if current else []
+  assert [chat.decode(run, tokenizer) for run in runs] == ASSISTANT_OUTPUTS
+
+
+def test_tokenizer_without_chat_tokens_is_one_line_error():
+  with pytest.raises(ValueError, match=r"lacks the chat special tokens \['<\|im_middle\|>'\]"):
+    chat.render(CONVERSATION, ByteTokenizer({k: v for k, v in chat.K2_SPECIAL_TOKENS.items() if k != '<|im_middle|>'}))
+
+
+def test_parser_reads_the_reference_outputs():
+  parsed = chat.parse_tool_calls(ASSISTANT_OUTPUTS[0])
+  assert parsed.errors == []
+  assert parsed.content == 'Let me check.'
+  assert parsed.tool_calls == [chat.ToolCall('get_weather', {'city': 'Paris'}, 'functions.get_weather:0'),
+                               chat.ToolCall('get_weather', {'city': 'Rome'}, 'functions.get_weather:1')]
+  plain = chat.parse_tool_calls(ASSISTANT_OUTPUTS[1])
+  assert (plain.content, plain.tool_calls, plain.errors) == ('Paris: sunny, 24 C. Rome: rain, 18 C.', [], [])
+
+
+@pytest.mark.parametrize('output,expected_calls,error', [
+    ('<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{"a": 1',
+     0, 'arguments of functions.f:0 are not JSON'),
+    ('<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>[1]<|tool_call_end|>'
+     '<|tool_calls_section_end|>', 0, 'not a JSON object'),
+    ('<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}<|tool_call_end|>',
+     1, 'tool-call section is truncated'),
+    ('<|tool_calls_section_begin|><|tool_call_begin|>bad id!<|tool_call_argument_begin|>{}<|tool_call_end|>'
+     '<|tool_calls_section_end|>', 0, 'cannot read the call id'),
+    ('<|tool_calls_section_begin|><|tool_call_begin|>functions.f', 0, 'call without <|tool_call_argument_begin|>'),
+    ('hi<|tool_call_begin|>f:3<|tool_call_argument_begin|>{}<|tool_call_end|>', 1, 'tool calls without'),
+])
+def test_parser_reports_malformed_output(output, expected_calls, error):
+  parsed = chat.parse_tool_calls(output)
+  assert len(parsed.tool_calls) == expected_calls
+  assert any(error in e for e in parsed.errors), parsed.errors
+
+
+# Text that cannot contain a special-token name (the text format cannot tell them apart; token ids can).
+plain_text = st.text(max_size=30).filter(lambda s: '<|' not in s)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | plain_text,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(plain_text, children, max_size=3),
+    max_leaves=8)
+tool_calls = st.lists(st.builds(
+    chat.ToolCall, name=st.from_regex(r'[A-Za-z_][A-Za-z0-9_]{0,15}', fullmatch=True),
+    arguments=st.dictionaries(plain_text, json_values, max_size=4)), min_size=1, max_size=3)
+
+
+def assistant_output(content, calls):
+  """What the model would emit for this assistant message: the rendering after the assistant header."""
+  text = chat.render_text([chat.Message('user', 'u'), chat.Message('assistant', content, tool_calls=tuple(calls))])
+  return text.split('<|im_assistant|>assistant<|im_middle|>', 1)[1]
+
+
+@settings(max_examples=150, deadline=None)
+@given(content=plain_text, calls=tool_calls)
+def test_round_trip_render_then_parse(content, calls):
+  parsed = chat.parse_tool_calls(assistant_output(content, calls))
+  assert parsed.errors == []
+  assert parsed.content == content
+  assert [(c.name, c.arguments, c.id) for c in parsed.tool_calls] == [
+      (c.name, json.loads(json.dumps(c.arguments)), f'functions.{c.name}:{i}') for i, c in enumerate(calls)]
+  # The same through tokens: the loss-masked tokens decode to the same output.
+  rendered = chat.render([chat.Message('user', 'u'), chat.Message('assistant', content, tool_calls=tuple(calls))],
+                         K2_IDS)
+  masked = [t for t, m in zip(rendered.tokens, rendered.loss_mask) if m]
+  assert chat.parse_tool_calls(chat.decode(masked, K2_IDS)).tool_calls == parsed.tool_calls
+
+
+pieces = st.sampled_from(list(chat.CHAT_SPECIAL_TOKENS) + [
+    'functions.get_weather:0', 'f', ':', '{', '}', '[', ']', '"', '{"a": 1}', '\n', ' ', '\\', 'functions.'])
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(pieces, st.text(max_size=12)), max_size=40))
+def test_parser_never_raises_on_random_output(parts):
+  parsed = chat.parse_tool_calls(''.join(parts))
+  assert isinstance(parsed, chat.ParsedOutput)
+  assert not any(e.startswith('internal parser error') for e in parsed.errors)
+  for call in parsed.tool_calls:
+    assert isinstance(call.name, str) and isinstance(call.arguments, dict)
+
+
+@settings(max_examples=150, deadline=None)
+@given(content=plain_text, calls=tool_calls, data=st.data())
+def test_parser_on_truncated_output_returns_a_prefix_of_the_calls(content, calls, data):
+  full = assistant_output(content, calls)
+  cut = data.draw(st.integers(0, len(full)))
+  parsed = chat.parse_tool_calls(full[:cut])
+  assert not any(e.startswith('internal parser error') for e in parsed.errors)
+  expected = chat.parse_tool_calls(full).tool_calls
+  assert parsed.tool_calls == expected[:len(parsed.tool_calls)]
+  assert full.startswith(parsed.content)
+  if '<|tool_calls_section_begin|>' in full[:cut] and '<|tool_calls_section_end|>' not in full[:cut]:
+    assert parsed.errors  # a cut inside the call section is always reported
+
+
+def test_declarations_and_running_calls():
+  declaration = chat.declaration(chat.LOCAL_TOOLS['calculator'])
+  assert declaration['function']['name'] == 'calculator'
+  assert declaration['function']['parameters'] == {
+      'type': 'object', 'properties': {'expression': {'type': 'string'}}, 'required': ['expression']}
+  assert chat.declaration(chat.LOCAL_TOOLS['current_time'])['function']['parameters']['required'] == []
+  assert chat.run_call(chat.ToolCall('calculator', {'expression': '17 * (2 + 1)'}), chat.LOCAL_TOOLS) == '51'
+  assert chat.run_call(chat.ToolCall('word_count', '{"text": "a b c"}'), chat.LOCAL_TOOLS) == '3'
+  assert chat.run_call(chat.ToolCall('calculator', {'expression': '__import__("os")'}),
+                       chat.LOCAL_TOOLS).startswith('error: ValueError')
+  assert chat.run_call(chat.ToolCall('calculator', {'wrong': 1}), chat.LOCAL_TOOLS).startswith('error: TypeError')
+  assert chat.run_call(chat.ToolCall('nope', {}), chat.LOCAL_TOOLS).startswith("error: unknown tool 'nope'")
+
+
+def test_respond_runs_tool_calls_and_feeds_results_back():
+  """The CLI's loop with a scripted model: a calculator call first, then an answer that uses its result."""
+  from experiments import chat as chat_cli
+  tokenizer = chat_cli.ByteTokenizer()
+  special = tokenizer.special_tokens
+  call_turn = ([special['<|tool_calls_section_begin|>'], special['<|tool_call_begin|>']]
+               + tokenizer.encode('functions.calculator:0') + [special['<|tool_call_argument_begin|>']]
+               + tokenizer.encode('{"expression": "6 * 7"}')
+               + [special['<|tool_call_end|>'], special['<|tool_calls_section_end|>'], special['<|im_end|>']])
+  answer_turn = tokenizer.encode('It is 42.') + [special['<|im_end|>']]
+  prompts = []
+
+  def scripted_stream(prompt, max_new_tokens, stop, seed):
+    prompts.append(chat.decode(prompt, tokenizer))
+    return [(t, 0.0) for t in (call_turn if len(prompts) == 1 else answer_turn)]
+
+  conversation = [chat.Message('user', 'What is 6 * 7?')]
+  shown = []
+  new = chat_cli.respond(conversation, scripted_stream, tokenizer, {'calculator': chat.LOCAL_TOOLS['calculator']},
+                         max_new_tokens=64, max_tool_rounds=2, write=shown.append)
+  assert [m.role for m in new] == ['assistant', 'tool', 'assistant']
+  assert new[1].content == '42' and new[2].content == 'It is 42.'
+  assert prompts[0].startswith('<|im_system|>tool_declare<|im_middle|>[{"type": "function"')
+  assert prompts[1].endswith('## Return of functions.calculator:0\n42<|im_end|><|im_assistant|>assistant<|im_middle|>')
+  assert 'It is 42.' in ''.join(shown)
+
+
+def test_chat_cli_one_shot_on_a_saved_checkpoint(tmp_path):
+  from k2 import convert
+  from k2 import model as model_lib
+  from k2.config import get_config
+  convert.save_orbax(model_lib.create(get_config('k2_tiny', vocab_size=512, num_layers=1), seed=0),
+                     str(tmp_path / 'model'))
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.chat', f'--checkpoint={tmp_path / "model"}', '--prompt=hello',
+       '--tools=calculator,current_time', '--max_new_tokens=8', '--temperature=0'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith('kimi> ')
+  bad = subprocess.run([sys.executable, '-m', 'experiments.chat', f'--checkpoint={tmp_path / "model"}',
+                        '--tools=rm_rf'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith('error: unknown tools')
