@@ -51,7 +51,8 @@ def grouped_matmul(x: jax.Array, weights: jax.Array, group_sizes: jax.Array, imp
 
   impl (MoEConfig.matmul_impl): 'ragged_dot' is jax.lax.ragged_dot; 'pallas' is the Pallas kernel of
   pallas_kernels/grouped_matmul (compiled on GPU/TPU, interpreted on CPU); 'auto' is pallas on GPU/TPU and
-  ragged_dot on CPU. H200 figures: BENCHMARKS.md (bench_moe).
+  ragged_dot on CPU. On an H200, at K2's expert shapes the kernel runs at ~0.8x a dense bf16 matmul and ~25x
+  ragged_dot (BENCHMARKS.md, bench_moe).
   """
   if impl == 'auto':
     impl = 'ragged_dot' if jax.default_backend() == 'cpu' else 'pallas'

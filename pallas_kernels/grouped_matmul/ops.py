@@ -60,8 +60,11 @@ def _pad(x: jax.Array, axis: int, multiple: int) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-def _grouped_product(lhs, rhs, group_sizes, *, transpose_rhs, backend, blocks, interpret):
-  """lhs [M, K] @ rhs[g] per group, rhs [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N]."""
+def grouped_product(lhs, rhs, group_sizes, *, transpose_rhs, backend, blocks, interpret):
+  """lhs [M, K] @ rhs[g] per group, rhs [G, K, N] (or [G, N, K] with transpose_rhs) -> [M, N].
+
+  One product of the op (the forward, or dlhs with transpose_rhs), not differentiable; exposed for benchmarks.
+  """
   num_rows, contract = lhs.shape
   cols = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   blocks = _fit(blocks, backend, num_rows, contract, cols)
@@ -77,8 +80,8 @@ def _grouped_product(lhs, rhs, group_sizes, *, transpose_rhs, backend, blocks, i
   return out[:num_rows, :cols]
 
 
-def _transposed_product(lhs, dout, group_sizes, *, out_dtype, backend, blocks, interpret):
-  """lhs[rows of g]^T @ dout[rows of g] per group: lhs [M, K], dout [M, N] -> [G, K, N]."""
+def transposed_product(lhs, dout, group_sizes, *, out_dtype, backend, blocks, interpret):
+  """lhs[rows of g]^T @ dout[rows of g] per group: lhs [M, K], dout [M, N] -> [G, K, N] (the drhs product)."""
   num_rows, contract = lhs.shape
   cols = dout.shape[1]
   blocks = _fit(blocks, backend, num_rows, contract, cols)
@@ -94,7 +97,7 @@ def _transposed_product(lhs, dout, group_sizes, *, out_dtype, backend, blocks, i
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _grouped_matmul(lhs, rhs, group_sizes, backend, interpret, block_sizes):
-  return _grouped_product(lhs, rhs, group_sizes, transpose_rhs=False, backend=backend,
+  return grouped_product(lhs, rhs, group_sizes, transpose_rhs=False, backend=backend,
                           blocks=block_sizes.forward, interpret=interpret)
 
 
@@ -107,9 +110,9 @@ def _grouped_matmul_bwd(backend, interpret, block_sizes, residuals, dout):
   lhs, rhs, group_sizes = residuals
   dout = dout.astype(lhs.dtype)
   # Rows past sum(group_sizes) come out zero in dlhs too: the grouped product writes zeros there.
-  dlhs = _grouped_product(dout, rhs, group_sizes, transpose_rhs=True, backend=backend,
+  dlhs = grouped_product(dout, rhs, group_sizes, transpose_rhs=True, backend=backend,
                           blocks=block_sizes.dlhs, interpret=interpret)
-  drhs = _transposed_product(lhs, dout, group_sizes, out_dtype=rhs.dtype, backend=backend,
+  drhs = transposed_product(lhs, dout, group_sizes, out_dtype=rhs.dtype, backend=backend,
                              blocks=block_sizes.drhs, interpret=interpret)
   return dlhs, drhs, None
 

@@ -64,11 +64,13 @@ class BlockSizes:
       # MXU-sized tiles (untuned: no TPU was available); ~2 MiB of double-buffered VMEM per product.
       grouped = ProductBlocks(block_m=128, block_n=512, block_k=512)
       return cls(forward=grouped, dlhs=grouped, drhs=ProductBlocks(block_m=128, block_n=512, block_k=512))
-    # Triton on Hopper: 128 x 256 output tiles, 64-wide contraction slices, 3 stages (144 KiB of shared memory);
-    # chosen by experiments/bench_moe.py's sweep on an H200 (see BENCHMARKS.md).
+    # Triton on Hopper, the fastest of experiments/bench_moe.py's sweep on an H200 (BENCHMARKS.md): 128 x 256
+    # output tiles, 64-wide contraction slices, 3 stages (144 KiB of shared memory) for the grouped products
+    # (K2 gate/up forward: 3.09 ms, 577 TFLOP/s, vs 4.24 ms with 128 x 128 tiles); drhs reduces 32 rows at a time
+    # into 128 x 256 tiles, 4 stages (96 KiB).
     grouped = ProductBlocks(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3)
-    return cls(forward=grouped, dlhs=grouped, drhs=ProductBlocks(block_m=64, block_n=256, block_k=128,
-                                                                 num_warps=8, num_stages=3))
+    return cls(forward=grouped, dlhs=grouped, drhs=ProductBlocks(block_m=32, block_n=256, block_k=128,
+                                                                 num_warps=8, num_stages=4))
 
 
 def group_bounds(group_sizes: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:

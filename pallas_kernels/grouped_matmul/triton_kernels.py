@@ -35,6 +35,14 @@ def _dot(lhs, rhs, lhs_contract: int, rhs_contract: int):
                          preferred_element_type=jnp.float32)
 
 
+def _check_int32_offsets(*arrays):
+  """Pallas' Triton lowering addresses elements with int32 offsets."""
+  for array in arrays:
+    if array.size >= 2 ** 31:
+      raise ValueError(f'grouped_matmul on GPU: an operand of shape {array.shape} has {array.size} >= 2^31 elements, '
+                       'past the int32 offsets of the Triton kernels; split the groups over several calls')
+
+
 def _row_mask(first_row, end, block_m: int, width: int):
   """[block_m, width] bool: rows first_row + i < end."""
   rows = first_row + jnp.arange(block_m, dtype=jnp.int32)
@@ -78,6 +86,7 @@ def grouped_product(lhs, rhs, group_sizes, *, transpose_rhs: bool, blocks: Produ
   num_rows, contract = lhs.shape
   num_groups = rhs.shape[0]
   cols = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  _check_int32_offsets(lhs, rhs)
   tile_part, tile_start, tile_end = group_aligned_tiles(group_sizes, num_rows, blocks.block_m)
   assert contract % blocks.block_k == 0 and cols % blocks.block_n == 0, (lhs.shape, rhs.shape, blocks)
   return pl.pallas_call(
@@ -117,6 +126,7 @@ def transposed_product(lhs, dout, group_sizes, *, out_dtype, blocks: ProductBloc
   num_rows, contract = lhs.shape
   cols = dout.shape[1]
   num_groups = group_sizes.shape[0]
+  _check_int32_offsets(lhs, dout, jax.ShapeDtypeStruct((num_groups, contract, cols), out_dtype))
   part_starts, part_ends = group_bounds(group_sizes, num_rows)
   assert contract % blocks.block_k == 0 and cols % blocks.block_n == 0, (lhs.shape, dout.shape, blocks)
   return pl.pallas_call(
