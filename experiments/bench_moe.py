@@ -16,8 +16,8 @@ busy), after a warm-up call:
   * fwd+bwd: out and the VJP (dlhs, drhs) for a random dout: three products, 6 M K N FLOPs
 for: pallas (ours), jax.lax.ragged_dot, tokamax.ragged_dot (if it imports), and the dense bf16 matmul
 [M, K] @ [K, N] with the same FLOPs (fwd+bwd: its two gradient matmuls too).
-With --sweep, it first times candidate block sizes of each of our three products on the balanced problems and
-benchmarks with the fastest (by geometric mean over the problems); the defaults in
+With --sweep, it first times candidate block sizes of each of our three products on the balanced K2 problems
+and k2_small's gate/up, and benchmarks with the fastest (by geometric mean over the problems); the defaults in
 pallas_kernels/grouped_matmul/tiling.py are then set from that table by hand.
 Checks in the same run: our forward and both gradients against the float32 reference on the GPU (empty groups, a
 group holding every row, rows past the groups), ours against ragged_dot at every benchmark problem, and the MoE
