@@ -95,8 +95,8 @@ def forward(model: Transformer, tokens: jax.Array, positions: jax.Array, cache: 
   return (logits[:, 0] if logit_index is not None else logits), new_cache
 
 
-def _prefill(model, tokens, lengths, key, temperature, *, slots: int, options: DecodeOptions):
-  """Prompts [B, P] right-padded, lengths [B] -> (first token [B], its logprob [B], cache)."""
+def prefill(model, tokens, lengths, key, temperature, *, slots: int, options: DecodeOptions):
+  """Prompts [B, P] right-padded, lengths [B] -> (first token [B], its logprob [B], a cache of `slots` tokens)."""
   batch, width = tokens.shape
   cache = init_cache(model, batch, slots, options.cache_layout)
   positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), tokens.shape)
@@ -107,7 +107,7 @@ def _prefill(model, tokens, lengths, key, temperature, *, slots: int, options: D
   return token, logprob, cache
 
 
-def _decode(model, token, positions, cache, key, temperature, *, options: DecodeOptions):
+def decode_step(model, token, positions, cache, key, temperature, *, options: DecodeOptions):
   """One step: token [B] at positions [B] -> (next token [B], its logprob [B], cache)."""
   slots = jax.tree.leaves(cache)[0].shape[1]
   logits, cache = forward(model, token[:, None], positions[:, None], cache, num_keys=slots,
@@ -122,7 +122,7 @@ def _generate(graphdef, state, tokens, lengths, budgets, stop_tokens, key, tempe
   """Prefill and the whole decode loop in one program. Returns tokens [B, max_new], logprobs, counts [B]."""
   model = nnx.merge(graphdef, state)
   batch, width = tokens.shape
-  token, logprob, cache = _prefill(model, tokens, lengths, key, temperature, slots=width + max_new,
+  token, logprob, cache = prefill(model, tokens, lengths, key, temperature, slots=width + max_new,
                                    options=options)
   is_stop = lambda t: jnp.any(t[:, None] == stop_tokens[None, :], axis=-1)
   out_tokens = jnp.zeros((batch, max_new), jnp.int32).at[:, 0].set(token)
@@ -136,7 +136,7 @@ def _generate(graphdef, state, tokens, lengths, budgets, stop_tokens, key, tempe
 
   def step_fn(carry):
     step, token, done, counts, out_tokens, out_logprobs, cache = carry
-    token, logprob, cache = _decode(model, token, lengths + step - 1, cache, jax.random.fold_in(key, step),
+    token, logprob, cache = decode_step(model, token, lengths + step - 1, cache, jax.random.fold_in(key, step),
                                     temperature, options=options)
     active = ~done
     out_tokens = out_tokens.at[:, step].set(token)
@@ -154,11 +154,11 @@ _generate_jit = jax.jit(_generate, static_argnames=('graphdef', 'max_new', 'opti
 
 
 def _prefill_state(graphdef, state, tokens, lengths, key, temperature, *, slots, options):
-  return _prefill(nnx.merge(graphdef, state), tokens, lengths, key, temperature, slots=slots, options=options)
+  return prefill(nnx.merge(graphdef, state), tokens, lengths, key, temperature, slots=slots, options=options)
 
 
 def _decode_state(graphdef, state, token, positions, cache, key, temperature, *, options):
-  return _decode(nnx.merge(graphdef, state), token, positions, cache, key, temperature, options=options)
+  return decode_step(nnx.merge(graphdef, state), token, positions, cache, key, temperature, options=options)
 
 
 _prefill_jit = jax.jit(_prefill_state, static_argnames=('graphdef', 'slots', 'options'))
