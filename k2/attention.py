@@ -19,6 +19,7 @@ from k2 import rope as rope_lib
 from k2 import sharding
 from k2.config import MLAConfig, RopeConfig
 from k2.norms import RMSNorm
+from pallas_kernels.flash_attention import flash_attention
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
@@ -38,6 +39,21 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
   probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
   out = jnp.einsum('BHTS,BSHV->BTHV', probs.astype(v.dtype), v)
   return out, max_logits
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, sm_scale: float,
+              impl: str = 'auto') -> tuple[jax.Array, jax.Array]:
+  """Causal attention with per-head max logits, by MLAConfig.attention_impl; shapes as `attention_reference`.
+
+  'flash' is the Pallas kernel of pallas_kernels/flash_attention (compiled on GPU/TPU, interpreted on CPU), which
+  returns the max logits from inside the kernel; 'reference' is `attention_reference`; 'auto' is flash on GPU/TPU
+  and reference on CPU. Both give QK-Clip the same max_logits. H200 figures: BENCHMARKS.md (bench_attention).
+  """
+  if impl == 'auto':
+    impl = 'reference' if jax.default_backend() == 'cpu' else 'flash'
+  if impl == 'flash':
+    return flash_attention(q, k, v, causal=True, segment_ids=segment_ids, sm_scale=sm_scale)
+  return attention_reference(q, k, v, segment_ids, sm_scale)
 
 
 class MLA(nnx.Module):
@@ -85,6 +101,7 @@ class MLA(nnx.Module):
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:3] + k_rope.shape[-1:])], axis=-1)
 
-    out, max_logits = attention_reference(q, k, v, segment_ids, rope_lib.softmax_scale(c.qk_head_dim, self.rope))
+    out, max_logits = attention(q, k, v, segment_ids, rope_lib.softmax_scale(c.qk_head_dim, self.rope),
+                                c.attention_impl)
     out = sharding.constrain(out, ('batch', 'seq', 'act_heads', None))
     return jnp.einsum('BTHV,HVD->BTD', out, w(self.o_proj)), max_logits

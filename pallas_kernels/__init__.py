@@ -1,1 +1,2 @@
 from pallas_kernels.grouped_matmul.ops import grouped_matmul
+from pallas_kernels.flash_attention.ops import flash_attention
