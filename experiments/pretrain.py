@@ -1,32 +1,52 @@
-"""Pretraining launcher.
+"""Pretraining launcher: gin files + bindings -> k2.train.trainer.train(workdir).
 
     python -m experiments.pretrain --gin_file=configs/pretrain/tiny.gin --workdir=/tmp/k2_tiny \
-        [--gin_bindings="NUM_STEPS = 50"]
+        [--gin_bindings="NUM_STEPS = 50"] [--gin_bindings="MESH = {'fsdp': 2}"]
+
+Rerunning the same command on the same workdir resumes from its latest checkpoint.
 """
 
+import os
 import sys
 
 import gin
-from absl import app, flags
+from absl import app, flags, logging
 
 from k2.config import ConfigError
 from k2.train import trainer
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _GIN_FILE = flags.DEFINE_multi_string('gin_file', ['configs/pretrain/tiny.gin'], 'Gin config files.')
 _GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings, e.g. "NUM_STEPS = 10".')
-_WORKDIR = flags.DEFINE_string('workdir', '/tmp/k2_tiny', 'Where metrics and the operative config go.')
+_WORKDIR = flags.DEFINE_string('workdir', '/tmp/k2_tiny', 'Checkpoints, metrics and the operative config go here.')
+
+
+def parse_gin(files, bindings) -> None:
+  """Parses gin files (includes resolve from the repo root too) or exits with a one-line error."""
+  gin.add_config_file_search_path(ROOT)
+  for name in files:
+    if not os.path.isfile(name) and not os.path.isfile(os.path.join(ROOT, name)):
+      sys.exit(f'error: bad gin config: no gin file {name}')
+  try:
+    gin.parse_config_files_and_bindings(files, bindings)
+  except (ValueError, OSError, KeyError, SyntaxError, NameError) as e:
+    sys.exit(f'error: bad gin config: {str(e).strip().splitlines()[0]}')
+
+
+def run(gin_files, gin_bindings, workdir: str) -> dict:
+  """Parses the config and trains; any configuration problem exits with a one-line `error: ...`."""
+  parse_gin(gin_files, gin_bindings)
+  try:
+    return trainer.train(workdir)
+  except ConfigError as e:  # gin appends 'In call to configurable ...' lines
+    sys.exit(f'error: {str(e).splitlines()[0]}')
 
 
 def main(argv):
   del argv
-  try:
-    gin.parse_config_files_and_bindings(_GIN_FILE.value, _GIN_BINDINGS.value)
-  except (ValueError, OSError, KeyError) as e:
-    sys.exit(f'error: bad gin config: {str(e).splitlines()[0]}')
-  try:
-    trainer.train(_WORKDIR.value)
-  except ConfigError as e:
-    sys.exit(f'error: {e}')
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every file it writes at INFO
+    logging.set_verbosity(logging.WARNING)
+  run(_GIN_FILE.value, _GIN_BINDINGS.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':

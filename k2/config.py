@@ -89,6 +89,9 @@ class ModelConfig:
   rms_norm_eps: float = 1e-6
   dtype: str = 'bfloat16'
   param_dtype: str = 'float32'
+  # Activation rematerialization per decoder layer: 'none', 'full' (recompute everything in the backward pass),
+  # or 'dots' (keep matmul outputs, recompute norms and elementwise ops; K2 recomputes selectively, report 3).
+  remat_policy: str = 'none'
 
   def __post_init__(self):
     validate(self)
@@ -146,6 +149,8 @@ def validate(config: ModelConfig) -> None:
     raise ConfigError(f"attention_impl must be 'auto', 'reference' or 'flash', got {att.attention_impl!r}")
   if moe.matmul_impl not in ('auto', 'ragged_dot', 'pallas'):
     raise ConfigError(f"matmul_impl must be 'auto', 'ragged_dot' or 'pallas', got {moe.matmul_impl!r}")
+  if config.remat_policy not in ('none', 'full', 'dots'):
+    raise ConfigError(f"remat_policy must be 'none', 'full' or 'dots', got {config.remat_policy!r}")
   for name in ('dtype', 'param_dtype'):
     if getattr(config, name) not in ('float32', 'bfloat16', 'float16'):
       raise ConfigError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(config, name)!r}")

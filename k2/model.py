@@ -69,8 +69,9 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
     x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
     max_logits, expert_loads, balance_loss = [], [], jnp.zeros((), jnp.float32)
+    run_layer = _remat(self.config.remat_policy)
     for layer in self.layers:
-      x, layer_max_logits, moe_aux = layer(x, positions, segment_ids)
+      x, layer_max_logits, moe_aux = run_layer(layer, x, positions, segment_ids)
       max_logits.append(jnp.max(layer_max_logits, axis=0))
       if moe_aux is not None:
         expert_loads.append(moe_aux['expert_load'])
@@ -85,6 +86,29 @@ class Transformer(nnx.Module):
         'balance_loss': balance_loss,
     }
     return logits, aux
+
+
+def _call_layer(layer: DecoderLayer, x, positions, segment_ids):
+  return layer(x, positions, segment_ids)
+
+
+def _remat(policy: str):
+  """The per-layer call under the config's rematerialization policy (see ModelConfig.remat_policy).
+
+  The layer is split into (graphdef, state) and rebuilt inside `jax.checkpoint`, a pure function of arrays;
+  layers only read their variables in the forward pass, so nothing needs to flow back out."""
+  if policy == 'none':
+    return _call_layer
+  saveable = {'full': jax.checkpoint_policies.nothing_saveable,
+              'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
+
+  def call(layer, x, positions, segment_ids):
+    graphdef, state = nnx.split(layer)
+    pure = jax.checkpoint(lambda state, x: _call_layer(nnx.merge(graphdef, state), x, positions, segment_ids),
+                          policy=saveable)
+    return pure(state, x)
+
+  return call
 
 
 def create(config: ModelConfig, seed: int = 0) -> Transformer:

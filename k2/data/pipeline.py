@@ -1,0 +1,165 @@
+"""Text -> packed next-token batches, through grain.
+
+    source (tfds.data_source, or documents from local files)
+      -> [this process's share] -> shuffle(seed) -> repeat -> tokenize (+[BOS], +[EOS])
+      -> pack into rows of seq_len (grain ConcatThenSplit: documents are concatenated, cut at row boundaries)
+      -> batch [batch_size, seq_len]
+
+Each batch holds int32 `inputs`, `targets` (inputs shifted by one inside each document), `positions` (position in
+the document), `segment_ids` (1, 2, ... per document in the row; 0 is padding) and float32 `mask` (1 where the
+target is real). Packed documents never attend across each other: the model masks by segment id.
+
+The iterator is a grain `DatasetIterator`, so `get_state()` / `set_state()` (and orbax, through
+grain.checkpoint) resume it at exactly the next batch.
+
+Datasets by name (`dataset=` below, a gin knob):
+  'stdlib'               the embedded default (k2.data.stdlib_corpus, prepared on first use)
+  'tfds:NAME[/CONFIG]'   any prepared TFDS dataset in data_dir (read with tfds.data_source; `text_key` field)
+  a path or glob         local .txt files (one document per file) or .jsonl files (one per line, `text_key` field)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Sequence
+
+import gin
+import grain
+import numpy as np
+
+from k2.config import ConfigError
+from k2.data import tokenizer as tokenizer_lib
+
+DEFAULT_DATA_DIR = '~/.cache/k2/tensorflow_datasets'
+DEFAULT_TOKENIZER_CACHE = '~/.cache/k2/tokenizers'
+
+
+def _local_documents(pattern: str, text_key: str) -> list[str]:
+  paths = sorted(glob.glob(os.path.expanduser(pattern)))
+  if not paths:
+    raise ConfigError(f'dataset {pattern!r}: no such file')
+  docs = []
+  for path in paths:
+    with open(path, encoding='utf-8', errors='replace') as f:
+      if path.endswith('.jsonl'):
+        for number, line in enumerate(f, 1):
+          if line.strip():
+            try:
+              docs.append(str(json.loads(line)[text_key]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+              raise ConfigError(f'{path}:{number} is not a JSON object with a {text_key!r} field') from None
+      else:
+        docs.append(f.read())
+  return docs
+
+
+class _TfdsText:
+  """A tfds.data_source viewed as documents (decoded `text_key` strings)."""
+
+  def __init__(self, source, text_key: str):
+    self._source, self._text_key = source, text_key
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> str:
+    if not 0 <= index < len(self._source):
+      raise IndexError(index)
+    value = self._source[index][self._text_key]
+    return value.decode('utf-8', errors='replace') if isinstance(value, bytes) else str(value)
+
+
+@gin.configurable
+def documents(split: str, dataset: str = 'stdlib', data_dir: str = DEFAULT_DATA_DIR, text_key: str = 'text',
+              validation_fraction: float = 0.05) -> Sequence[str]:
+  """The split's documents as a random-access sequence of strings. Raises ConfigError when missing or empty.
+
+  Local files have no splits: the last `validation_fraction` of their documents (at least one) is 'validation'.
+  """
+  if split not in ('train', 'validation'):
+    raise ConfigError(f"split must be 'train' or 'validation', got {split!r}")
+  data_dir = os.path.expanduser(data_dir)
+  if dataset == 'stdlib' or dataset.startswith('tfds:'):
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+    if dataset == 'stdlib':
+      from k2.data import stdlib_corpus
+      name = stdlib_corpus.prepare(data_dir)
+    else:
+      name = dataset[len('tfds:'):]
+    try:
+      source = tfds.data_source(name, split=split, data_dir=data_dir)
+    except Exception as e:  # DatasetNotFoundError, unknown split, unsupported file format, ...
+      raise ConfigError(f'dataset {dataset!r} split {split!r} cannot be read from {data_dir}: '
+                        f'{str(e).splitlines()[0]}') from None
+    docs = _TfdsText(source, text_key)
+  else:
+    all_docs = _local_documents(dataset, text_key)
+    num_validation = max(1, int(len(all_docs) * validation_fraction)) if len(all_docs) > 1 else 0
+    docs = all_docs[len(all_docs) - num_validation:] if split == 'validation' else all_docs[:len(all_docs) -
+                                                                                            num_validation]
+  if len(docs) == 0:
+    raise ConfigError(f'dataset {dataset!r} has no documents in split {split!r}')
+  return docs
+
+
+@gin.configurable
+def tokenizer(path: str | None = None, vocab_size: int = 4096, cache_dir: str = DEFAULT_TOKENIZER_CACHE,
+              dataset: str = 'stdlib') -> tokenizer_lib.Tokenizer:
+  """The tokenizer file at `path` (K2's tiktoken.model or a tokenizer.json), else a byte-level BPE of
+  `vocab_size` trained on the dataset's training split and cached in cache_dir."""
+  if path:
+    return tokenizer_lib.load(path)
+  docs = documents('train', dataset=dataset)
+  # Train on a fixed, spread-out sample: enough for a few thousand merges, seconds on two cores.
+  step = max(1, len(docs) // 2000)
+  sample = lambda: (docs[i] for i in range(0, len(docs), step))
+  return tokenizer_lib.cached_bpe(f'{dataset}:{len(docs)}:{step}', sample, vocab_size, cache_dir)
+
+
+class _Tokenize(grain.transforms.Map):
+
+  def __init__(self, tok: tokenizer_lib.Tokenizer):
+    self._tok = tok
+
+  def map(self, text: str) -> dict[str, np.ndarray]:
+    ids = np.asarray([self._tok.bos_id, *self._tok.encode(text), self._tok.eos_id], np.int32)
+    return {'inputs': ids[:-1], 'targets': ids[1:]}
+
+
+def _finish_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {
+      'inputs': row['inputs'], 'targets': row['targets'],
+      'positions': row['inputs_positions'].astype(np.int32),
+      'segment_ids': row['inputs_segment_ids'].astype(np.int32),
+      'mask': (row['targets_segment_ids'] > 0).astype(np.float32),
+  }
+
+
+def lm_batches(docs: Sequence[str], tok: tokenizer_lib.Tokenizer, *, batch_size: int, seq_len: int, seed: int,
+               shuffle: bool = True, repeat: bool = True, process_index: int = 0,
+               process_count: int = 1) -> grain.DatasetIterator:
+  """A checkpointable iterator of packed batches (see the module docstring). Each process reads a disjoint
+  1/process_count of the documents."""
+  dataset = grain.MapDataset.source(docs)[process_index::process_count]
+  if shuffle:
+    dataset = dataset.shuffle(seed=seed)
+  if repeat:
+    dataset = dataset.repeat()
+  dataset = dataset.map(_Tokenize(tok)).to_iter_dataset()
+  dataset = grain.experimental.ConcatThenSplitIterDataset(
+      dataset, length_struct={'inputs': seq_len, 'targets': seq_len})
+  return iter(dataset.map(_finish_row).batch(batch_size, drop_remainder=True))
+
+
+def unigram_loss(batches: Sequence[dict[str, np.ndarray]], vocab_size: int) -> float:
+  """Cross entropy (nats/token) of the best unigram model of these targets: their own frequency distribution.
+
+  A floor for any model that ignores context; the README compares the trained model's validation loss with it.
+  """
+  targets = np.concatenate([b['targets'][b['mask'] > 0] for b in batches])
+  counts = np.bincount(targets, minlength=vocab_size).astype(np.float64)
+  probs = counts[counts > 0] / counts.sum()
+  return float(-(probs * np.log(probs)).sum())

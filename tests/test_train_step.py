@@ -1,0 +1,101 @@
+"""The pure train_step: gradient accumulation, rematerialization, QK-Clip and router-bias effects, donation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from k2 import model as model_lib
+from k2.config import get_config
+from k2.optim import muonclip
+from k2.train import step as step_lib
+
+CONFIG = get_config('k2_tiny', num_layers=2)
+
+
+def batch(rows=4, seq=16, seed=0):
+  rng = np.random.default_rng(seed)
+  segment_ids = np.repeat(np.array([[1] * (seq // 2) + [2] * (seq - seq // 2)]), rows, axis=0).astype(np.int32)
+  positions = np.concatenate([np.arange(seq // 2), np.arange(seq - seq // 2)])
+  return {'inputs': rng.integers(0, CONFIG.vocab_size, (rows, seq)).astype(np.int32),
+          'targets': rng.integers(0, CONFIG.vocab_size, (rows, seq)).astype(np.int32),
+          'positions': np.tile(positions, (rows, 1)).astype(np.int32), 'segment_ids': segment_ids,
+          'mask': np.ones((rows, seq), np.float32)}
+
+
+TX = muonclip(1e-2)  # one optimizer and schedule object, so equal setups hit the same compiled step
+
+
+def constant_schedule(step):
+  return 1e-2
+
+
+def setup_and_state(config=CONFIG, **kwargs):
+  graphdef, state = step_lib.init_state(model_lib.create(config, seed=0), TX)
+  return step_lib.StepSetup(graphdef=graphdef, model_config=config, optimizer=TX, schedule=constant_schedule,
+                            **kwargs), state
+
+
+def leaves(state):
+  return [np.asarray(x) for x in jax.tree.leaves((state.params, state.buffers))]
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  data = jax.tree.map(jnp.asarray, batch(rows=4))
+  setup, state = setup_and_state(qk_clip_tau=None)
+  loss_one, grads_one, aux_one = step_lib._gradients(state, data, setup)
+  setup, state = setup_and_state(qk_clip_tau=None, grad_accum_steps=2)
+  loss_two, grads_two, aux_two = jax.jit(step_lib._gradients, static_argnums=2)(state, data, setup)
+  # Equal-size micro-batches with full masks: the mean of micro-batch means is the batch mean.
+  assert float(loss_one) == pytest.approx(float(loss_two), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_one), jax.tree.leaves(grads_two)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(aux_one['expert_load'], aux_two['expert_load'])
+  np.testing.assert_allclose(aux_one['max_logits'], aux_two['max_logits'], rtol=1e-6)
+
+
+@pytest.mark.parametrize('policy', ['full', 'dots'])
+def test_rematerialization_does_not_change_the_gradients(policy):
+  data = jax.tree.map(jnp.asarray, batch())
+  gradients = jax.jit(step_lib._gradients, static_argnums=2)
+  setup, state = setup_and_state(qk_clip_tau=None)
+  loss, grads, _ = gradients(state, data, setup)
+  setup, state = setup_and_state(CONFIG.replace(remat_policy=policy), qk_clip_tau=None)
+  remat_loss, remat_grads, _ = gradients(state, data, setup)
+  assert float(loss) == pytest.approx(float(remat_loss), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(remat_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_qk_clip_rescales_the_updated_weights_by_this_steps_max_logits():
+  from flax import nnx
+  data = batch()
+  tau = 1e-3
+  setup, state = setup_and_state(qk_clip_tau=None, bias_update_rate=0.01)
+  model = nnx.merge(setup.graphdef, state.params, state.buffers)
+  _, aux = model(jnp.asarray(data['inputs']), jnp.asarray(data['positions']), jnp.asarray(data['segment_ids']))
+  gamma = np.minimum(1.0, tau / np.asarray(aux['max_logits']))  # [L, H], from the step's own forward
+  before_bias = [np.asarray(x) for x in jax.tree.leaves(state.buffers)]
+  unclipped, _ = step_lib.train_step(state, data, setup)
+  setup, state = setup_and_state(qk_clip_tau=tau, bias_update_rate=0.01)
+  clipped, metrics = step_lib.train_step(state, data, setup)
+  assert int(metrics['clipped_heads']) == int(np.sum(gamma < 1))
+  nope = CONFIG.attention.qk_nope_head_dim
+  for layer in range(CONFIG.num_layers):
+    q_ratio = (np.asarray(clipped.params['layers'][layer]['attn']['q_b_proj'][...]) /
+               np.asarray(unclipped.params['layers'][layer]['attn']['q_b_proj'][...]))
+    np.testing.assert_allclose(q_ratio[..., :nope], np.broadcast_to(np.sqrt(gamma[layer])[None, :, None],
+                                                                    q_ratio[..., :nope].shape), rtol=1e-4)
+    np.testing.assert_allclose(q_ratio[..., nope:], np.broadcast_to(gamma[layer][None, :, None],
+                                                                    q_ratio[..., nope:].shape), rtol=1e-4)
+  moved = [a - b for a, b in zip([np.asarray(x) for x in jax.tree.leaves(clipped.buffers)], before_bias)]
+  assert all(np.all(np.isin(np.round(m / 0.01, 3), [-1, 0, 1])) for m in moved)  # sign steps of the rate
+  assert any(np.any(m != 0) for m in moved)
+  assert int(clipped.step) == 1 and float(metrics['update_rms']) > 0
+
+
+def test_state_is_donated():
+  setup, state = setup_and_state(qk_clip_tau=None, bias_update_rate=0.01)
+  old_param = jax.tree.leaves(state.params)[0]
+  step_lib.train_step(state, batch(), setup)
+  assert old_param.is_deleted()
