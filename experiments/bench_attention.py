@@ -47,10 +47,10 @@ SHAPES = [(8, 2048, 64), (4, 4096, 32), (2, 8192, 8)]
 LAYOUTS = [(192, 128), (128, 128)]  # (qk head dim, v head dim): MLA's 128 nope + 64 rope / 128 v, and plain
 SWEEP_SHAPE = (4, 4096, 32)
 CHECK_LEN = 1024  # correctness check: B=2, T=CHECK_LEN, 4 query heads on 2 key heads
-FORWARD_TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]  # block_q, block_k, warps, stages
-BACKWARD_TILES = [(64, 64, 4, 2, True), (64, 64, 8, 2, True), (128, 64, 8, 2, True), (64, 128, 8, 2, True),
-                  (32, 128, 4, 2, True), (64, 64, 4, 2, False),
-                  (64, 128, 8, 2, False)]  # block_q, block_k, warps, stages, dq_atomic
+FORWARD_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]  # block_q, block_k, warps, stages
+# Backward: (dK/dV tiles, dQ tiles), each as (block_q, block_k, warps, stages).
+BACKWARD_TILES = [((64, 64, 4, 2), (128, 64, 8, 2)), ((64, 64, 8, 2), (128, 64, 8, 2)),
+                  ((64, 128, 8, 2), (128, 64, 8, 2)), ((64, 64, 4, 2), (64, 64, 4, 2))]
 
 _lines: list[str] = []
 
@@ -163,7 +163,7 @@ def sweep(qk_dim, v_dim):
   batch, seq, heads = SWEEP_SHAPE
   q, k, v, d_out = inputs(batch, seq, heads, qk_dim, v_dim)
   results = []
-  best_forward, best_ms = BlockSizes(), float('inf')
+  best_forward, best_ms = BlockSizes.for_backend('triton', seq, seq, qk_dim, v_dim), float('inf')
   for block_q, block_k, warps, stages in FORWARD_TILES:
     blocks = dataclasses.replace(BlockSizes(), block_q=block_q, block_k=block_k, num_warps=warps, num_stages=stages)
     try:
@@ -177,18 +177,19 @@ def sweep(qk_dim, v_dim):
     if ms < best_ms:
       best_forward, best_ms = blocks, ms
   best, best_ms = best_forward, float('inf')
-  for block_q, block_k, warps, stages, atomic in BACKWARD_TILES:
-    blocks = dataclasses.replace(best_forward, block_q_bwd=block_q, block_k_bwd=block_k, num_warps_bwd=warps,
-                                 num_stages_bwd=stages, dq_atomic=atomic)
+  for dkv, dq in BACKWARD_TILES:
+    blocks = dataclasses.replace(best_forward, block_q_dkv=dkv[0], block_k_dkv=dkv[1], num_warps_dkv=dkv[2],
+                                 num_stages_dkv=dkv[3], block_q_dq=dq[0], block_k_dq=dq[1], num_warps_dq=dq[2],
+                                 num_stages_dq=dq[3])
+    label = f'dkv {dkv} dq {dq}'
     try:
       ms = time_ms(forward_and_backward(lambda q, k, v, b=blocks: flash_attention(q, k, v, block_sizes=b)),
                    q, k, v, d_out, iters=_ITERS.value)
     except Exception as error:  # noqa: BLE001
-      log('  backward', (block_q, block_k, warps, stages, atomic), 'failed:', str(error).splitlines()[0][:200])
+      log('  backward', label, 'failed:', str(error).splitlines()[0][:200])
       continue
-    results.append(('forward+backward', (block_q, block_k, warps, stages, 'atomic dQ' if atomic else 'dQ kernel'),
-                    ms))
-    log(f'  backward tiles {(block_q, block_k, warps, stages, atomic)}: {ms:.3f} ms fwd+bwd')
+    results.append(('forward+backward', label, ms))
+    log(f'  backward tiles {label}: {ms:.3f} ms fwd+bwd')
     if ms < best_ms:
       best, best_ms = blocks, ms
   return best, results
@@ -208,7 +209,7 @@ def bench_row(batch, seq, heads, qk_dim, v_dim, blocks):
   row = {'shape': (batch, seq, heads, qk_dim, v_dim), 'cudnn_label': cudnn_label}
   outputs = {}
   for name, attention in candidates.items():
-    iters = max(3, _ITERS.value // 2) if name == 'xla' else _ITERS.value
+    iters = 3 if name == 'xla' else _ITERS.value
     for mode in ('fwd', 'fwd+bwd'):
       try:
         if mode == 'fwd':
@@ -241,9 +242,10 @@ def bench_row(batch, seq, heads, qk_dim, v_dim, blocks):
 
 
 def describe(blocks: BlockSizes) -> str:
-  atomic = 'atomic dQ' if blocks.dq_atomic else 'dQ kernel'
-  return (f'fwd {blocks.block_q}x{blocks.block_k} w{blocks.num_warps} s{blocks.num_stages}; '
-          f'bwd {blocks.block_q_bwd}x{blocks.block_k_bwd} w{blocks.num_warps_bwd} s{blocks.num_stages_bwd} {atomic}')
+  b = blocks
+  return (f'fwd {b.block_q}x{b.block_k} w{b.num_warps} s{b.num_stages}; '
+          f'dK/dV {b.block_q_dkv}x{b.block_k_dkv} w{b.num_warps_dkv} s{b.num_stages_dkv}; '
+          f'dQ {b.block_q_dq}x{b.block_k_dq} w{b.num_warps_dq} s{b.num_stages_dq}')
 
 
 def main(argv):
@@ -252,7 +254,7 @@ def main(argv):
   if _SMOKE.value:
     global SHAPES, SWEEP_SHAPE, FORWARD_TILES, BACKWARD_TILES, CHECK_LEN
     SHAPES, SWEEP_SHAPE, CHECK_LEN = [(1, 128, 2)], (1, 128, 2), 256
-    FORWARD_TILES, BACKWARD_TILES = FORWARD_TILES[:2], BACKWARD_TILES[:1] + BACKWARD_TILES[-1:]
+    FORWARD_TILES, BACKWARD_TILES = FORWARD_TILES[:1], BACKWARD_TILES[:1] + BACKWARD_TILES[-1:]
   device = jax.devices()[0]
   log(f'{device.device_kind}, jax {jax.__version__}')
   blocks_by_layout, sweeps = {}, {}
@@ -261,7 +263,7 @@ def main(argv):
       log(f'sweep qk {layout[0]} / v {layout[1]} on {SWEEP_SHAPE}')
       blocks_by_layout[layout], sweeps[layout] = sweep(*layout)
     else:
-      blocks_by_layout[layout], sweeps[layout] = BlockSizes(), []
+      blocks_by_layout[layout], sweeps[layout] = BlockSizes.for_backend('triton', 1 << 20, 1 << 20, *layout), []
     log('  chosen:', describe(blocks_by_layout[layout]))
   correctness = check_correctness(blocks_by_layout)
 

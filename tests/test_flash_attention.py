@@ -25,8 +25,10 @@ import pytest
 from k2 import model as model_lib
 from k2.attention import attention_reference
 from k2.config import get_config
-from k2.optim import muonclip
 from k2.optim import qk_clip
+from k2.optim.muon import muon
+from k2.optim.muonclip import _as_matrices
+from k2.optim.muonclip import param_labels
 from pallas_kernels import flash_attention
 from pallas_kernels.flash_attention import BlockSizes
 from pallas_kernels.flash_attention import flash_attention_reference
@@ -36,7 +38,7 @@ RELATIVE_TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # and the loops are tiny.
 FAST_COMPILE = {'xla_backend_optimization_level': 0}
 # 16-row tiles so short test sequences span several query and key blocks (skipped, full and masked tiles).
-SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=32)
+SMALL_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32, block_k_dq=16)
 BACKENDS = {'triton': True, 'mosaic': pltpu.InterpretParams()}
 
 
@@ -106,7 +108,7 @@ def test_triton_matches_reference(mask, layout, heads):
   _check('triton', **MASKS[mask], **LAYOUTS[layout], **HEADS[heads])
 
 
-MOSAIC_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
+MOSAIC_BLOCKS = BlockSizes(block_q=16, block_k=16, block_q_dkv=16, block_k_dkv=16, block_q_dq=16, block_k_dq=16)
 
 
 @pytest.mark.parametrize('mask, layout, heads', [('causal', 'qk48_v32', 'gqa'), ('causal_segments', 'qk32_v32', 'mha'),
@@ -134,12 +136,6 @@ def test_fewer_queries_than_keys():
   _check('triton', q_len=16, kv_len=48, heads=2, causal=True)
 
 
-def test_separate_dq_kernel():
-  # The two-kernel backward (no atomics): dK/dV kernel plus a dQ kernel.
-  _check('triton', q_len=48, heads=4, kv_heads=2, segments=True,
-         blocks=BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=32, dq_atomic=False))
-
-
 def test_public_call_with_defaults():
   """The call outside checks make: default scale 1/sqrt(K), default tiles, backend picked by the platform."""
   q, k, v, _, _ = _inputs(2, 24, 24, 4, 4, 48, 32, jnp.float32, False)
@@ -164,12 +160,25 @@ def test_reference_matches_model_attention():
 # --------------------------------------------------------------------------------- k2_tiny training: QK-Clip
 
 
+def _muonclip_float32_newton_schulz(learning_rate: float) -> optax.GradientTransformation:
+  """k2.optim.muonclip with Newton-Schulz in float32 instead of bfloat16 (same groups and hyperparameters).
+
+  The kernel and the reference differ by float32 summation order (~1e-7). Newton-Schulz in bfloat16 rounds the
+  update to 8 bits, which turns such differences into ~1e-3 differences of the update and, after a few steps of
+  MoE routing, of the loss (measured: 1e-2 after 6 steps of the 4-layer model). In float32 the runs stay within
+  2e-7 over 10 steps, so the comparison sees the attention path and not bfloat16 rounding.
+  """
+  matrices = _as_matrices(muon(learning_rate, weight_decay=0.1, ns_impl='jnp', ns_dtype=jnp.float32))
+  adamw = optax.adamw(learning_rate, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+  return optax.multi_transform({'muon': matrices, 'adamw': adamw, 'frozen': optax.set_to_zero()}, param_labels)
+
+
 def _train(attention_impl: str, steps: int, num_layers: int, tau: float = 2.0):
-  """`steps` MuonClip steps of a 2-layer k2_tiny on fixed random packed batches; returns per-step losses and
-  clipped-head counts. tau is low so QK-Clip fires from the first steps."""
+  """`steps` MuonClip steps of k2_tiny (`num_layers` of its layers) on fixed random packed batches; returns
+  per-step losses and clipped-head counts. tau is low so QK-Clip fires from the first steps."""
   config = get_config('k2_tiny', vocab_size=128, num_layers=num_layers, attention_impl=attention_impl)
   model = model_lib.create(config, seed=0)
-  optimizer = nnx.Optimizer(model, muonclip(1e-2, weight_decay=0.1), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, _muonclip_float32_newton_schulz(1e-2), wrt=nnx.Param)
 
   graphdef, state = nnx.split((model, optimizer))
 
@@ -206,7 +215,7 @@ def _train(attention_impl: str, steps: int, num_layers: int, tau: float = 2.0):
 def _check_training_parity(steps, num_layers):
   flash_losses, flash_clipped = _train('flash', steps, num_layers)  # on CPU: the Triton kernels, interpreted
   reference_losses, reference_clipped = _train('reference', steps, num_layers)
-  np.testing.assert_allclose(flash_losses, reference_losses, rtol=1e-4)
+  np.testing.assert_allclose(flash_losses, reference_losses, rtol=1e-5)
   np.testing.assert_array_equal(flash_clipped, reference_clipped)
   assert reference_clipped.sum() > 0  # QK-Clip really fired
 

@@ -24,59 +24,66 @@ MOSAIC = 'mosaic'
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes and launch parameters. Triton needs powers of two (>= 16); Mosaic multiples of 128 (or the
-  whole, 8-aligned, sequence when it is shorter).
+  """Tile sizes and launch parameters of the three kernels. Triton needs powers of two (>= 16); Mosaic multiples
+  of 128 (or the whole, 8-aligned, sequence when it is shorter).
 
   Attributes:
-    block_q: query rows per forward program.
-    block_k: keys per step of the forward loop.
-    block_q_bwd: query rows per step of the dK/dV loop (and per program of the dQ kernel).
-    block_k_bwd: keys per dK/dV program (and per step of the dQ loop).
-    num_warps, num_stages: Triton only: warps per forward program and software-pipelining depth of its loop.
-    num_warps_bwd, num_stages_bwd: the same for the backward kernels.
-    dq_atomic: Triton only: the dK/dV kernel also accumulates dQ with float32 atomic adds (five matrix products
-      per tile, FlashAttention-2's fused backward) instead of a second dQ kernel that recomputes the
-      probabilities (seven products per tile, no atomics).
+    block_q, block_k: forward: query rows per program, keys per step of its loop.
+    block_q_dkv, block_k_dkv: dK/dV kernel: query rows per step of its loop, keys per program.
+    block_q_dq, block_k_dq: dQ kernel: query rows per program, keys per step.
+    num_warps*, num_stages*: Triton only: warps per program and software-pipelining depth of the kernel's loop.
   """
   block_q: int = 128
   block_k: int = 64
-  block_q_bwd: int = 64
-  block_k_bwd: int = 64
   num_warps: int = 8
-  num_stages: int = 2
-  num_warps_bwd: int = 4
-  num_stages_bwd: int = 2
-  dq_atomic: bool = True
+  num_stages: int = 4
+  block_q_dkv: int = 64
+  block_k_dkv: int = 64
+  num_warps_dkv: int = 4
+  num_stages_dkv: int = 2
+  block_q_dq: int = 128
+  block_k_dq: int = 64
+  num_warps_dq: int = 8
+  num_stages_dq: int = 2
 
   @classmethod
-  def for_backend(cls, backend: str, q_len: int, kv_len: int) -> 'BlockSizes':
-    """Defaults per backend, shrunk to the sequence lengths.
+  def for_backend(cls, backend: str, q_len: int, kv_len: int, qk_dim: int = 128, v_dim: int = 128,
+                  itemsize: int = 2) -> 'BlockSizes':
+    """Defaults per backend and head dims, shrunk to the sequence lengths.
 
-    Triton defaults are for the H200 (bf16, qk/v head dims 192/128 and 128/128); see BENCHMARKS.md
-    (bench_attention) for the sweep they come from.
+    Triton: the H200 sweep's winners (bf16, BENCHMARKS.md, bench_attention), on B x T x H = 4 x 4096 x 32:
+      forward 128 x 64 tiles, 8 warps, 4 stages (3 stages: 8% slower; 64 x 64 with 4 warps: 14-40% slower);
+      dK/dV 64 x 64 tiles with 4 warps for qk <= 128, 64 queries x 128 keys with 8 warps for larger qk (qk 192:
+        11% faster than 64 x 64, which spills its 64 x 320 float32 accumulators);
+      dQ 128 x 64 tiles, 8 warps (64 x 64 with 4 warps: the same time).
+    The forward's pipelining depth is cut when its q tile and `num_stages` k/v tiles would not fit in 220 KiB
+    of shared memory (larger head dims or float32 inputs).
     """
     if backend == MOSAIC:
-      blocks = cls(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128, dq_atomic=False)
-    else:
-      blocks = cls()
-    return blocks.fit(backend, q_len, kv_len)
+      blocks = cls(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128, block_q_dq=128, block_k_dq=128)
+      return blocks.fit(backend, q_len, kv_len)
+    blocks = cls()
+    if qk_dim > 128:
+      blocks = dataclasses.replace(blocks, block_k_dkv=128, num_warps_dkv=8)
+    forward_bytes = lambda stages: (blocks.block_q * qk_dim + stages * blocks.block_k * (qk_dim + v_dim)) * itemsize
+    stages = blocks.num_stages
+    while stages > 1 and forward_bytes(stages) > 220 * 1024:
+      stages -= 1
+    return dataclasses.replace(blocks, num_stages=stages).fit(backend, q_len, kv_len)
 
   def fit(self, backend: str, q_len: int, kv_len: int) -> 'BlockSizes':
     """These sizes capped to the (rounded-up) sequence lengths, so short sequences are not padded to a tile."""
     q_cap, kv_cap = _largest_block(backend, q_len), _largest_block(backend, kv_len)
     return dataclasses.replace(
         self, block_q=min(self.block_q, q_cap), block_k=min(self.block_k, kv_cap),
-        block_q_bwd=min(self.block_q_bwd, q_cap), block_k_bwd=min(self.block_k_bwd, kv_cap))
+        block_q_dkv=min(self.block_q_dkv, q_cap), block_k_dkv=min(self.block_k_dkv, kv_cap),
+        block_q_dq=min(self.block_q_dq, q_cap), block_k_dq=min(self.block_k_dq, kv_cap))
 
   def padded_lengths(self, q_len: int, kv_len: int) -> tuple[int, int]:
     """Query and key lengths rounded up to a multiple of every block that tiles them."""
-    q_multiple = _lcm(self.block_q, self.block_q_bwd)
-    kv_multiple = _lcm(self.block_k, self.block_k_bwd)
+    q_multiple = math.lcm(self.block_q, self.block_q_dkv, self.block_q_dq)
+    kv_multiple = math.lcm(self.block_k, self.block_k_dkv, self.block_k_dq)
     return -(-q_len // q_multiple) * q_multiple, -(-kv_len // kv_multiple) * kv_multiple
-
-
-def _lcm(a: int, b: int) -> int:
-  return a * b // math.gcd(a, b)
 
 
 def _largest_block(backend: str, length: int) -> int:

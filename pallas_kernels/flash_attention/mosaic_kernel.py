@@ -228,7 +228,7 @@ def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, by_query, by_key, *, probl
   batch, num_heads, q_len, qk_dim = q.shape
   num_kv_heads, kv_len, v_dim = k.shape[1], k.shape[2], v.shape[-1]
   group = num_heads // num_kv_heads
-  block_q, block_k = blocks.block_q_bwd, blocks.block_k_bwd
+  block_q, block_k = blocks.block_q_dkv, blocks.block_k_dkv
   num_q_blocks, num_k_blocks = q_len // block_q, kv_len // block_k
   id_operands = _id_operands(q_ids, kv_ids) if problem.segmented else []
 
@@ -261,6 +261,9 @@ def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, by_query, by_key, *, probl
   )(*by_key, q, k, v, d_out, lse, delta, *id_operands)
 
   # dQ: grid (B, H, query blocks, key blocks).
+  block_q, block_k = blocks.block_q_dq, blocks.block_k_dq
+  num_q_blocks, num_k_blocks = q_len // block_q, kv_len // block_k
+
   def kv_index(b, h, i, j, lo, mid, hi):
     return (b, h // group, _clamp(j, lo[b, i], hi[b, i]), 0)
 

@@ -91,7 +91,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = Tru
   backend = kernel_backend(interpret)
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
-  blocks = (block_sizes or BlockSizes.for_backend(backend, q_len, kv_len)).fit(backend, q_len, kv_len)
+  blocks = block_sizes or BlockSizes.for_backend(backend, q_len, kv_len, qk_dim, v.shape[-1], q.dtype.itemsize)
+  blocks = blocks.fit(backend, q_len, kv_len)
   padded_q_len, padded_kv_len = blocks.padded_lengths(q_len, kv_len)
   head_multiple = 16 if backend == TRITON else 1  # Triton dots need sides of 16 or more
   round_up = lambda dim: -(-dim // head_multiple) * head_multiple
@@ -134,7 +135,9 @@ def _forward(q, k, v, segment_ids, static: _Static):
   if segment_ids is not None:
     q_ids, kv_ids = _pad(segment_ids, s.padded_q_len), _pad(segment_ids, s.padded_kv_len)
   forward_ranges = _ranges(s, segment_ids, s.blocks.block_q, s.blocks.block_k)
-  backward_ranges = _ranges(s, segment_ids, s.blocks.block_q_bwd, s.blocks.block_k_bwd)
+  # The backward's ranges: by key for the dK/dV kernel's tiles, by query for the dQ kernel's.
+  backward_ranges = (_ranges(s, segment_ids, s.blocks.block_q_dkv, s.blocks.block_k_dkv).by_key,
+                     _ranges(s, segment_ids, s.blocks.block_q_dq, s.blocks.block_k_dq).by_query)
   out_p, lse, row_max = _KERNELS[s.backend].forward(
       q_p, k_p, v_p, q_ids, kv_ids, _batch_ranges(forward_ranges.by_query, batch), problem=s.problem,
       blocks=s.blocks, interpret=s.interpret)
@@ -156,13 +159,13 @@ def _attention_fwd(q, k, v, segment_ids, static: _Static):
 
 
 def _attention_bwd(static: _Static, residuals, cotangents):
-  q_p, k_p, v_p, q_ids, kv_ids, out_p, lse, ranges = residuals
+  q_p, k_p, v_p, q_ids, kv_ids, out_p, lse, (by_key, by_query) = residuals
   d_out, _ = cotangents  # max_logits is not differentiated (QK-Clip reads it outside autodiff)
   batch = q_p.shape[0]
   d_out = _pad(d_out.astype(out_p.dtype), static.padded_q_len, static.padded_v_dim)
   dq, dk, dv = _KERNELS[static.backend].backward(
-      q_p, k_p, v_p, q_ids, kv_ids, out_p, lse, d_out, _batch_ranges(ranges.by_query, batch),
-      _batch_ranges(ranges.by_key, batch), problem=static.problem, blocks=static.blocks,
+      q_p, k_p, v_p, q_ids, kv_ids, out_p, lse, d_out, _batch_ranges(by_query, batch),
+      _batch_ranges(by_key, batch), problem=static.problem, blocks=static.blocks,
       interpret=static.interpret)
   q_len, kv_len = static.problem.q_len, static.problem.kv_len
   dq = dq[:, :q_len, :, :static.qk_dim].astype(q_p.dtype)

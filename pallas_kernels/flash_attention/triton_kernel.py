@@ -10,8 +10,11 @@ backward is in base-2 units of the scaled logits.
             it is what the softmax needs anyway, so QK-Clip's max logit costs one [block_q] store.
   dK/dV     grid (G, B, key blocks). Loops over the query heads of the group and their query blocks,
             recomputing P = exp2(scale * log2(e) * q.k - lse); dV += P^T dO, dP = dO V^T, dS = P (dP - delta),
-            dK += dS^T Q; with `dq_atomic`, dQ += dS K is added to a float32 buffer with atomics (algorithm 2).
-  dQ        (only without dq_atomic) grid (H, B, query blocks): dQ += dS K over key blocks.
+            dK += dS^T Q.
+  dQ        grid (H, B, query blocks): recomputes P and dS over key blocks, dQ += dS K.
+The backward does seven matrix products per tile instead of FlashAttention-2's five (algorithm 2 adds dQ from
+the dK/dV loop with atomics): on the H200, float32 atomic adds of dQ from Pallas Triton (even relaxed) made the
+whole forward+backward 40-45% slower than recomputing in a dQ kernel (BENCHMARKS.md, bench_attention).
 
 Triton tensors must have power-of-two sides >= 16, so head dims are handled as power-of-two pieces
 (192 = 128 + 64): q.k is a sum of products over the pieces, and each piece of dK/dQ/out has its accumulator.
@@ -73,11 +76,6 @@ def _dot(a, b):
 def _dot_nt(a, b):
   """a @ b^T."""
   return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-
-
-def _dot_tn(a, b):
-  """a^T @ b."""
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _split_refs(refs, segmented: bool):
@@ -183,14 +181,10 @@ def forward(q, k, v, q_ids, kv_ids, by_query, *, problem: Problem, blocks: Block
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, problem: Problem, block_q: int,
-                block_k: int, group: int, dq_atomic: bool):
+                block_k: int, group: int):
   """One key block of one key head, over its query heads. k_ref/v_ref/dk_ref/dv_ref: [block_k, K/V]; q_ref,
-  do_ref (and dq_ref): the group's whole [T, group, K/V]; lse_ref, delta_ref: [group, T]."""
-  q_ids_ref, kv_ids_ref, rest = _split_refs(refs, problem.segmented)
-  if dq_atomic:
-    lo_ref, mid_ref, hi_ref, _, dk_ref, dv_ref, dq_ref = rest  # the 4th is the aliased dQ input
-  else:
-    lo_ref, mid_ref, hi_ref, dk_ref, dv_ref = rest
+  do_ref: the group's whole [T, group, K/V]; lse_ref, delta_ref: [group, T]."""
+  q_ids_ref, kv_ids_ref, (lo_ref, mid_ref, hi_ref, dk_ref, dv_ref) = _split_refs(refs, problem.segmented)
   qk_pieces, v_pieces = head_dim_pieces(k_ref.shape[-1]), head_dim_pieces(v_ref.shape[-1])
   k_start = pl.program_id(2) * block_k
   k = [k_ref[:, pl.ds(*piece)] for piece in qk_pieces]
@@ -221,9 +215,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, problem:
       dprobs_t += _dot_nt(v_piece, do_piece)
     dlogits_t = (probs_t * (dprobs_t - delta[None, :])).astype(dtype)
     dk = tuple(acc + _dot(dlogits_t, q_piece) for acc, q_piece in zip(dk, q))
-    if dq_atomic:
-      for k_piece, piece in zip(k, qk_pieces):
-        pltriton.atomic_add(dq_ref, (rows, head, pl.ds(*piece)), _dot_tn(dlogits_t, k_piece) * problem.sm_scale)
     return dk, dv
 
   def head_loop(head, carry):
@@ -242,7 +233,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, problem:
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, problem: Problem, block_q: int,
                block_k: int):
-  """One query block of one head (used without dq_atomic). q_ref/do_ref/dq_ref: [block_q, K/V]."""
+  """One query block of one head. q_ref/do_ref/dq_ref: [block_q, K/V]."""
   q_ids_ref, kv_ids_ref, (lo_ref, mid_ref, hi_ref, dq_ref) = _split_refs(refs, problem.segmented)
   qk_pieces, v_pieces = head_dim_pieces(q_ref.shape[-1]), head_dim_pieces(v_ref.shape[-1])
   q_start = pl.program_id(2) * block_q
@@ -286,12 +277,11 @@ def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, by_query, by_key, *, probl
   batch, q_len, num_heads, qk_dim = q.shape
   kv_len, num_kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
   group = num_heads // num_kv_heads
-  block_q, block_k = blocks.block_q_bwd, blocks.block_k_bwd
+  block_q, block_k = blocks.block_q_dkv, blocks.block_k_dkv
   # delta_i = sum_j P_ij dP_ij = rowsum(dO * O) (FlashAttention-2 eq. in section 3.1.2), [B, H, T] float32.
   delta = jnp.einsum('BTHV,BTHV->BHT', d_out.astype(jnp.float32), out.astype(jnp.float32))
-  params = pltriton.CompilerParams(num_warps=blocks.num_warps_bwd, num_stages=blocks.num_stages_bwd)
 
-  # dK, dV (and dQ with atomics): grid (key heads, batch, key blocks).
+  # dK, dV: grid (key heads, batch, key blocks).
   group_spec = lambda dim: pl.BlockSpec((None, q_len, group, dim), lambda g, b, j: (b, 0, g, 0))
   key_spec = lambda dim: pl.BlockSpec((None, block_k, None, dim), lambda g, b, j: (b, j, g, 0))
   rows_spec = pl.BlockSpec((None, group, q_len), lambda g, b, j: (b, g, 0))
@@ -303,33 +293,19 @@ def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, by_query, by_key, *, probl
     operands += [q_ids, kv_ids]
   in_specs += [pl.BlockSpec((None, None), lambda g, b, j: (b, j))] * 3
   operands += list(by_key)
-  out_specs = [key_spec(qk_dim), key_spec(v_dim)]
-  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
-  aliases = {}
-  if blocks.dq_atomic:
-    aliases = {len(operands): 2}
-    in_specs.append(group_spec(qk_dim))
-    operands.append(jnp.zeros(q.shape, jnp.float32))
-    out_specs.append(group_spec(qk_dim))
-    out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
-  grads = pl.pallas_call(
-      functools.partial(_dkv_kernel, problem=problem, block_q=block_q, block_k=block_k, group=group,
-                        dq_atomic=blocks.dq_atomic),
+  dk, dv = pl.pallas_call(
+      functools.partial(_dkv_kernel, problem=problem, block_q=block_q, block_k=block_k, group=group),
       grid=(num_kv_heads, batch, kv_len // block_k),
       in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      input_output_aliases=aliases,
-      compiler_params=params,
+      out_specs=[key_spec(qk_dim), key_spec(v_dim)],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps_dkv, num_stages=blocks.num_stages_dkv),
       interpret=interpret,
       name='flash_attention_dkv',
   )(*operands)
-  if blocks.dq_atomic:
-    dk, dv, dq = grads
-    return dq.astype(q.dtype), dk, dv
-  dk, dv = grads
 
   # dQ: grid (heads, batch, query blocks).
+  block_q, block_k = blocks.block_q_dq, blocks.block_k_dq
   query_spec = lambda dim: pl.BlockSpec((None, block_q, None, dim), lambda h, b, i: (b, i, h, 0))
   head_spec = lambda dim: pl.BlockSpec((None, kv_len, None, dim), lambda h, b, i: (b, 0, h // group, 0))
   rows_spec = pl.BlockSpec((None, None, block_q), lambda h, b, i: (b, h, i))
@@ -347,7 +323,7 @@ def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, by_query, by_key, *, probl
       in_specs=in_specs,
       out_specs=query_spec(qk_dim),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params,
+      compiler_params=pltriton.CompilerParams(num_warps=blocks.num_warps_dq, num_stages=blocks.num_stages_dq),
       interpret=interpret,
       name='flash_attention_dq',
   )(*operands)
