@@ -2,12 +2,13 @@
 
     python -m experiments.bench_attention --out=BENCHMARKS_attention.md
 
-One run, on the GPU (bf16, causal, MHA as in K2's MLA):
-  1. correctness: ours against the float32 reference (pallas_kernels/flash_attention/reference.py) on a small
+Writes its BENCHMARKS.md section (between the bench_attention markers) to --out. One run, on the GPU (bf16,
+causal, MHA as in K2's MLA):
+  1. a sweep of tile sizes on one shape per head layout (forward tiles by forward time, backward tiles by
+     forward+backward time), whose winners are used below;
+  2. correctness: ours against the float32 reference (pallas_kernels/flash_attention/reference.py) on a small
      problem with packed documents and grouped heads, output, max logits and q/k/v gradients, both head layouts;
-  2. a sweep of tile sizes on one shape per head layout (forward tiles by forward time, backward tiles by
-     forward+backward time), whose winners time the table;
-  3. the table: forward and forward+backward per shape, for
+  3. the table (rows stop starting after --budget_s seconds): forward and forward+backward per shape, for
        ours        pallas_kernels.flash_attention (returns out and max_logits)
        cuDNN       cuDNN flash attention, no max logits (MLA head dims through jax's cuDNN call when it accepts
                    qk != v; else jax.nn.dot_product_attention(implementation='cudnn') with v zero-padded to qk)
