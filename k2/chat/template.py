@@ -28,13 +28,9 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from k2.data.tokenizer import K2_SPECIAL_TOKENS  # K2_REFERENCE section 5: one table for tokenizer and template
+
 # K2_REFERENCE.md section 5: Kimi K2's special tokens and their ids in its 163840-token vocabulary.
-K2_SPECIAL_TOKENS: dict[str, int] = {
-    '[BOS]': 163584, '[EOS]': 163585, '<|im_end|>': 163586, '<|im_user|>': 163587, '<|im_assistant|>': 163588,
-    '<|im_system|>': 163594, '<|tool_calls_section_begin|>': 163595, '<|tool_calls_section_end|>': 163596,
-    '<|tool_call_begin|>': 163597, '<|tool_call_argument_begin|>': 163598, '<|tool_call_end|>': 163599,
-    '<|im_middle|>': 163601,
-}
 IM_END, IM_USER, IM_ASSISTANT, IM_SYSTEM, IM_MIDDLE = (
     '<|im_end|>', '<|im_user|>', '<|im_assistant|>', '<|im_system|>', '<|im_middle|>')
 SECTION_BEGIN, SECTION_END = '<|tool_calls_section_begin|>', '<|tool_calls_section_end|>'

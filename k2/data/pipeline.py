@@ -3,6 +3,8 @@
     source (tfds.data_source, or documents from local files)
       -> [this process's share] -> shuffle(seed) -> repeat -> tokenize (+[BOS], +[EOS])
       -> pack into rows of seq_len (grain ConcatThenSplit: documents are concatenated, cut at row boundaries)
+      -> shuffle rows within a window (a long document fills many consecutive rows; without this one batch
+         would hold a single document and steps would see wildly different data)
       -> batch [batch_size, seq_len]
 
 Each batch holds int32 `inputs`, `targets` (inputs shifted by one inside each document), `positions` (position in
@@ -139,8 +141,8 @@ def _finish_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def lm_batches(docs: Sequence[str], tok: tokenizer_lib.Tokenizer, *, batch_size: int, seq_len: int, seed: int,
-               shuffle: bool = True, repeat: bool = True, process_index: int = 0,
-               process_count: int = 1) -> grain.DatasetIterator:
+               shuffle: bool = True, repeat: bool = True, process_index: int = 0, process_count: int = 1,
+               shuffle_window_rows: int = 1024) -> grain.DatasetIterator:
   """A checkpointable iterator of packed batches (see the module docstring). Each process reads a disjoint
   1/process_count of the documents."""
   dataset = grain.MapDataset.source(docs)[process_index::process_count]
@@ -151,7 +153,10 @@ def lm_batches(docs: Sequence[str], tok: tokenizer_lib.Tokenizer, *, batch_size:
   dataset = dataset.map(_Tokenize(tok)).to_iter_dataset()
   dataset = grain.experimental.ConcatThenSplitIterDataset(
       dataset, length_struct={'inputs': seq_len, 'targets': seq_len})
-  return iter(dataset.map(_finish_row).batch(batch_size, drop_remainder=True))
+  dataset = dataset.map(_finish_row)
+  if shuffle:
+    dataset = grain.experimental.WindowShuffleIterDataset(dataset, window_size=shuffle_window_rows, seed=seed)
+  return iter(dataset.batch(batch_size, drop_remainder=True))
 
 
 def unigram_loss(batches: Sequence[dict[str, np.ndarray]], vocab_size: int) -> float:

@@ -20,6 +20,7 @@ import re
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from k2.optim.muon import muon
@@ -88,11 +89,13 @@ def _as_matrices(inner: optax.GradientTransformation) -> optax.GradientTransform
 
 def muonclip(learning_rate: float | Callable, *, weight_decay: float = 0.1, momentum: float = 0.95,
              nesterov: bool = True, ns_steps: int = 5, rms_scale: float = 0.2, adam_b1: float = 0.9,
-             adam_b2: float = 0.95, adam_eps: float = 1e-8, ns_impl: str = 'auto') -> optax.GradientTransformation:
+             adam_b2: float = 0.95, adam_eps: float = 1e-8, ns_impl: str = 'auto',
+             ns_dtype=jnp.bfloat16) -> optax.GradientTransformation:
   """The K2 optimizer over the model's nnx.Param state (see the module docstring). QK-Clip is applied separately
   after the update (`k2.optim.qk_clip`), since it needs the forward's max logits."""
   matrix_muon = _as_matrices(muon(learning_rate, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                  weight_decay=weight_decay, rms_scale=rms_scale, ns_impl=ns_impl))
+                                  weight_decay=weight_decay, rms_scale=rms_scale, ns_impl=ns_impl,
+                                  ns_dtype=ns_dtype))
   adamw = optax.adamw(learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=weight_decay)
   transforms = {'muon': matrix_muon, 'adamw': adamw, 'frozen': optax.set_to_zero()}
 

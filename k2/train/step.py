@@ -26,6 +26,7 @@ from flax import nnx
 from k2 import model as model_lib
 from k2.config import ModelConfig
 from k2.optim import qk_clip
+from k2.optim.qk_clip import head_scales
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -113,10 +114,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], setup: StepSetup)
   loss, grads, aux = _gradients(state, batch, setup)
   updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  clipped_heads = jnp.zeros((), jnp.int32)
+  clipped_heads, max_logit_after_clip = jnp.zeros((), jnp.int32), jnp.max(aux['max_logits'])
   if setup.qk_clip_tau is not None:
     params, clip_stats = qk_clip(params, aux['max_logits'], setup.qk_clip_tau, setup.model_config)
     clipped_heads = clip_stats['clipped_heads']
+    # Each head's logits scale by exactly gamma (q_nope, k_nope by sqrt(gamma); q_rope by gamma): this step's
+    # largest logit as the clipped weights would produce it.
+    max_logit_after_clip = jnp.max(aux['max_logits'] * head_scales(aux['max_logits'], setup.qk_clip_tau))
   buffers = state.buffers
   load = aux['expert_load']
   if load.size:
@@ -127,10 +131,13 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], setup: StepSetup)
       'grad_norm': optax.tree.norm(grads),
       'update_rms': _rms(updates),
       'max_logit': jnp.max(aux['max_logits']),
+      'max_logit_after_clip': max_logit_after_clip,
       'clipped_heads': clipped_heads,
       'expert_load_max_over_mean': (jnp.max(load / jnp.maximum(jnp.mean(load, axis=-1, keepdims=True), 1e-9))
                                     if load.size else jnp.ones(())),
   }
+  # Pre-clip max logit of each layer (max over its heads), for the per-layer spread in experiments/ablations.
+  metrics.update({f'max_logit_layer{i}': m for i, m in enumerate(jnp.max(aux['max_logits'], axis=-1))})
   return TrainState(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state), metrics
 
 
