@@ -16,6 +16,7 @@ import time
 
 import gin
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -48,13 +49,14 @@ def schedule(learning_rate: float, num_steps: int, warmup_steps: int = 500, deca
 @gin.configurable
 def optimizer(learning_rate: optax.Schedule, name: str = 'muonclip', weight_decay: float = 0.1,
               momentum: float = 0.95, rms_scale: float = 0.2, adam_b1: float = 0.9, adam_b2: float = 0.95,
-              ns_impl: str = 'auto') -> optax.GradientTransformation:
+              ns_impl: str = 'auto', ns_dtype: str = 'bfloat16') -> optax.GradientTransformation:
   """'muonclip' (Muon on matrices + AdamW on the rest; QK-Clip is `train.qk_clip_tau`) or 'adamw' on everything.
+  ns_dtype: Newton-Schulz precision ('bfloat16' as in the reference implementations, or 'float32').
 
   Both keep the router bias out of the gradient update (it is set by the balancing rule)."""
   if name == 'muonclip':
     return muonclip(learning_rate, weight_decay=weight_decay, momentum=momentum, rms_scale=rms_scale,
-                    adam_b1=adam_b1, adam_b2=adam_b2, ns_impl=ns_impl)
+                    adam_b1=adam_b1, adam_b2=adam_b2, ns_impl=ns_impl, ns_dtype=jnp.dtype(ns_dtype))
   if name == 'adamw':
     adamw = optax.adamw(learning_rate, b1=adam_b1, b2=adam_b2, weight_decay=weight_decay)
     return optax.multi_transform({'muon': adamw, 'adamw': adamw, 'frozen': optax.set_to_zero()}, param_labels)
@@ -155,9 +157,9 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
                       grad_accum_steps=grad_accum_steps)
     train_data = pipeline.lm_batches(train_docs, tok, batch_size=local_rows, seq_len=seq_len, seed=seed,
                                      process_index=jax.process_index(), process_count=jax.process_count())
+    # A fixed, shuffled sample of the validation split (the same every evaluation and every resume).
     eval_iter = pipeline.lm_batches(eval_docs, tok, batch_size=local_rows, seq_len=seq_len, seed=seed,
-                                    shuffle=False, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+                                    process_index=jax.process_index(), process_count=jax.process_count())
     eval_data = [next(eval_iter) for _ in range(eval_batches)]
 
     checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, every=checkpoint_every, keep=keep_checkpoints)
