@@ -47,39 +47,54 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh with all four K2 axes (absent ones get size 1). Raises ConfigError if it does not fit the devices."""
-  devices = list(jax.devices() if devices is None else devices)
+def mesh_shape(axis_sizes: Mapping[str, int]) -> dict[str, int]:
+  """{axis: size} over all four K2 axes (absent ones get size 1). Raises ConfigError on unknown axes or sizes < 1."""
   unknown = set(axis_sizes) - set(MESH_AXES)
   if unknown:
     raise ConfigError(f'unknown mesh axes {sorted(unknown)}; known axes: {", ".join(MESH_AXES)}')
-  sizes = [int(axis_sizes.get(name, 1)) for name in MESH_AXES]
-  if any(size < 1 for size in sizes):
+  sizes = {name: int(axis_sizes.get(name, 1)) for name in MESH_AXES}
+  if any(size < 1 for size in sizes.values()):
     raise ConfigError(f'mesh {dict(axis_sizes)} has a non-positive axis size')
+  return sizes
+
+
+def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh with all four K2 axes (absent ones get size 1). Raises ConfigError if it does not fit the devices."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = list(mesh_shape(axis_sizes).values())
   if math.prod(sizes) != len(devices):
     raise ConfigError(f'mesh {dict(axis_sizes)} needs {math.prod(sizes)} devices but {len(devices)} are available')
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> PartitionSpec:
-  """PartitionSpec for an array of `shape` whose dimensions are named `logical_axes`."""
+def logical_to_mesh_axes(logical_axes: Sequence[str | None], shape: Sequence[int], axis_sizes: Mapping[str, int],
+                         rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> tuple[tuple[str, ...], ...]:
+  """The mesh axes each dimension of an array of `shape` named `logical_axes` is split over, given only the mesh's
+  axis sizes (no devices needed: `k2.plan` sizes meshes far larger than this machine). Dimension i is split into
+  prod(axis_sizes[a] for a in result[i]) equal shards; () means replicated."""
   if len(logical_axes) != len(shape):
     raise ValueError(f'logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}')
   used: set[str] = set()
-  spec = []
+  result = []
   for name, size in zip(logical_axes, shape):
     chosen = []
     for axis in (rules.get(name, ()) if name is not None else ()):
-      axis_size = mesh.shape.get(axis, 1)
+      axis_size = axis_sizes.get(axis, 1)
       if axis in used or axis_size == 1:
         continue
-      if size % (math.prod(mesh.shape[a] for a in chosen) * axis_size):
+      if size % (math.prod(axis_sizes[a] for a in chosen) * axis_size):
         continue
       chosen.append(axis)
     used.update(chosen)
-    spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
-  return PartitionSpec(*spec)
+    result.append(tuple(chosen))
+  return tuple(result)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Mapping[str, Sequence[str]] = DEFAULT_RULES) -> PartitionSpec:
+  """PartitionSpec for an array of `shape` whose dimensions are named `logical_axes`."""
+  return PartitionSpec(*(axes if len(axes) > 1 else (axes[0] if axes else None)
+                         for axes in logical_to_mesh_axes(logical_axes, shape, dict(mesh.shape), rules)))
 
 
 def variable_sharding(variable: nnx.Variable, mesh: Mesh,
