@@ -74,6 +74,12 @@ class MoEConfig:
   balance_loss_weight: float = 0.0  # sequence-wise balance loss (DeepSeek-V3 eq. 17-20); off by default
   # 'ragged_dot' is jax.lax.ragged_dot; 'pallas' is pallas_kernels/grouped_matmul; 'auto' picks pallas on GPU/TPU.
   matmul_impl: str = 'auto'
+  # Expert parallelism (a mesh with an 'expert' axis > 1, k2.moe.expert_parallel): 'ragged' is dropless
+  # (jax.lax.ragged_all_to_all), 'capacity' sends at most ep_capacity_factor * tokens * K / ep token copies to each
+  # expert shard and drops the rest (counted in aux['dropped_tokens']); 'auto' is ragged on GPU/TPU, capacity on CPU
+  # (XLA:CPU has no ragged all-to-all).
+  ep_impl: str = 'auto'
+  ep_capacity_factor: float = 1.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +155,10 @@ def validate(config: ModelConfig) -> None:
     raise ConfigError(f"attention_impl must be 'auto', 'reference' or 'flash', got {att.attention_impl!r}")
   if moe.matmul_impl not in ('auto', 'ragged_dot', 'pallas'):
     raise ConfigError(f"matmul_impl must be 'auto', 'ragged_dot' or 'pallas', got {moe.matmul_impl!r}")
+  if moe.ep_impl not in ('auto', 'ragged', 'capacity'):
+    raise ConfigError(f"ep_impl must be 'auto', 'ragged' or 'capacity', got {moe.ep_impl!r}")
+  if not moe.ep_capacity_factor > 0:
+    raise ConfigError(f'ep_capacity_factor must be positive, got {moe.ep_capacity_factor!r}')
   if config.remat_policy not in ('none', 'full', 'dots'):
     raise ConfigError(f"remat_policy must be 'none', 'full' or 'dots', got {config.remat_policy!r}")
   for name in ('dtype', 'param_dtype'):
@@ -165,8 +175,8 @@ def make_config(*, vocab_size: int, hidden_size: int, num_layers: int, first_k_d
                 routed_scaling_factor: float, rope_theta: float, max_position_embeddings: int,
                 yarn: YarnConfig | None = None, n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
                 rms_norm_eps: float = 1e-6, balance_loss_weight: float = 0.0, dtype: str = 'bfloat16',
-                param_dtype: str = 'float32', attention_impl: str = 'auto',
-                matmul_impl: str = 'auto') -> ModelConfig:
+                param_dtype: str = 'float32', attention_impl: str = 'auto', matmul_impl: str = 'auto',
+                ep_impl: str = 'auto', ep_capacity_factor: float = 1.25) -> ModelConfig:
   """Builds a ModelConfig from flat fields (the shape a checkpoint's config.json or a gin file has)."""
   return ModelConfig(
       vocab_size=vocab_size, num_layers=num_layers, first_k_dense=first_k_dense,
@@ -180,7 +190,8 @@ def make_config(*, vocab_size: int, hidden_size: int, num_layers: int, first_k_d
           hidden_size=hidden_size, num_experts=num_experts, num_experts_per_token=num_experts_per_token,
           num_shared_experts=num_shared_experts, expert_intermediate_size=expert_intermediate_size,
           routed_scaling_factor=routed_scaling_factor, n_group=n_group, topk_group=topk_group,
-          norm_topk_prob=norm_topk_prob, balance_loss_weight=balance_loss_weight, matmul_impl=matmul_impl),
+          norm_topk_prob=norm_topk_prob, balance_loss_weight=balance_loss_weight, matmul_impl=matmul_impl,
+          ep_impl=ep_impl, ep_capacity_factor=ep_capacity_factor),
       rope=RopeConfig(head_dim=qk_rope_head_dim, theta=rope_theta,
                       max_position_embeddings=max_position_embeddings, yarn=yarn),
   )

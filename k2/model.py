@@ -7,6 +7,8 @@
                       (what QK-Clip compares with tau; masked positions excluded)
   aux['expert_load']  [num_moe_layers, E] float32: tokens routed to each expert (for aux-loss-free balancing)
   aux['balance_loss'] [] float32: the weighted sequence-wise balance loss summed over MoE layers (0 when off)
+  aux['dropped_tokens'] [] int32: (token, expert) copies dropped by expert parallelism's capacity exchange, summed
+                      over MoE layers (0 when dropless)
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Transformer(nnx.Module):
     x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
     x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
     max_logits, expert_loads, balance_loss = [], [], jnp.zeros((), jnp.float32)
+    dropped_tokens = jnp.zeros((), jnp.int32)
     run_layer = _remat(self.config.remat_policy)
     for layer in self.layers:
       x, layer_max_logits, moe_aux = run_layer(layer, x, positions, segment_ids)
@@ -76,6 +79,7 @@ class Transformer(nnx.Module):
       if moe_aux is not None:
         expert_loads.append(moe_aux['expert_load'])
         balance_loss = balance_loss + moe_aux.get('balance_loss', 0.0)
+        dropped_tokens = dropped_tokens + moe_aux['dropped_tokens']
     x = self.final_norm(x)
     logits = jnp.einsum('BTD,DV->BTV', x, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
     logits = sharding.constrain(logits, ('batch', 'seq', 'act_vocab'))
@@ -84,6 +88,7 @@ class Transformer(nnx.Module):
         'max_logits': jnp.stack(max_logits),
         'expert_load': jnp.stack(expert_loads) if expert_loads else jnp.zeros((0, num_experts), jnp.float32),
         'balance_loss': balance_loss,
+        'dropped_tokens': dropped_tokens,
     }
     return logits, aux
 

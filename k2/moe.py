@@ -7,18 +7,28 @@ Routing: s = sigmoid(x @ W_router) (float32). The per-expert `router_bias` is ad
 experts; the gates are the *unbiased* scores of the picked experts, normalized to sum 1, times
 routed_scaling_factor. The bias is a `RouterBias` variable, not an `nnx.Param`, so gradients never reach it; the
 trainer nudges it toward balance from the expert loads this layer reports.
+
+Expert parallelism: inside `sharding.use_mesh(mesh)` with an 'expert' axis of size ep > 1, the routed experts run
+in `jax.shard_map` (`expert_parallel`): each device routes its own tokens, sends each (token, expert) copy to the
+device that owns the expert (expert stacks are split into ep blocks of E/ep experts) with an all-to-all, runs its
+local experts, and sends the results back. `MoEConfig.ep_impl` picks the exchange: 'ragged' (dropless,
+`jax.lax.ragged_all_to_all`, GPU/TPU) or 'capacity' (fixed [ep, capacity, D] buffers and `jax.lax.all_to_all`;
+copies beyond capacity are dropped and counted in aux['dropped_tokens']). The router, the shared experts and the
+expert-load count stay outside, in plain GSPMD, so expert_load is always the global count.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
 
 from k2 import sharding
-from k2.config import MoEConfig
+from k2.config import ConfigError, MoEConfig
 from k2.mlp import MLP
 from pallas_kernels.grouped_matmul import grouped_matmul as pallas_grouped_matmul
 
@@ -73,8 +83,187 @@ def sequence_balance_loss(scores: jax.Array, expert_ids: jax.Array, batch: int, 
   return jnp.mean(jnp.sum(fraction * probability, axis=-1))
 
 
+EXPERT_AXIS = 'expert'
+
+
+def _expert_ffn(x: jax.Array, local_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+                matmul_impl: str) -> jax.Array:
+  """SwiGLU of each row through its expert. x: [M, D], local_ids: [M] in [0, G] (G = w_gate.shape[0] marks an
+  empty row, whose output is zero) -> [M, D] in the order of x."""
+  num_experts = w_gate.shape[0]
+  order = jnp.argsort(local_ids, stable=True)  # empty rows (id G) sort last, past sum(group_sizes): output zero
+  group_sizes = jnp.bincount(local_ids, length=num_experts).astype(jnp.int32)
+  sorted_x = jnp.take(x, order, axis=0)
+  matmul = functools.partial(grouped_matmul, group_sizes=group_sizes, impl=matmul_impl)
+  hidden = jax.nn.silu(matmul(sorted_x, w_gate)) * matmul(sorted_x, w_up)
+  sorted_y = matmul(hidden, w_down)
+  return jnp.zeros_like(sorted_y).at[order].set(sorted_y)
+
+
+def _exclusive_cumsum(sizes: jax.Array) -> jax.Array:
+  return jnp.cumsum(sizes) - sizes
+
+
+def capacity_exchange(sorted_x: jax.Array, sorted_ids: jax.Array, expert_fn, *, local_experts: int, num_shards: int,
+                      capacity: int, axis_name: str = EXPERT_AXIS):
+  """Fixed-size all-to-all dispatch (inside shard_map over `axis_name`); drops copies beyond `capacity`.
+
+  sorted_x [S, D]: this device's (token, expert) copies sorted by global expert id sorted_ids [S]. Shard j owns
+  experts [j * G, (j + 1) * G) with G = local_experts = E / num_shards. The copies bound for shard j fill row j of a
+  [num_shards, capacity, D] send buffer in expert order; the ones past `capacity` (the last experts' copies, and
+  the later tokens of an expert) are dropped. expert_fn(rows [R, D], local_ids [R]) -> [R, D] runs the local
+  experts (local_ids == G marks an empty slot). Returns (y [S, D] with zero rows for dropped copies,
+  dropped [] int32: the number of this device's copies that were dropped).
+  """
+  copies, width = sorted_x.shape
+  shard = sorted_ids // local_experts
+  shard_start = _exclusive_cumsum(jnp.bincount(shard, length=num_shards))
+  slot = jnp.arange(copies) - shard_start[shard]  # position among the copies bound for the same shard
+  kept = slot < capacity
+  slot = jnp.where(kept, slot, capacity)  # out of bounds: the scatters drop it, the gather fills zero
+  send_x = jnp.zeros((num_shards, capacity, width), sorted_x.dtype).at[shard, slot].set(sorted_x, mode='drop')
+  send_ids = jnp.full((num_shards, capacity), local_experts, jnp.int32).at[shard, slot].set(
+      sorted_ids % local_experts, mode='drop')
+  # Row j goes to shard j; the received row i came from shard i.
+  exchange = functools.partial(jax.lax.all_to_all, axis_name=axis_name, split_axis=0, concat_axis=0, tiled=True)
+  recv_x, recv_ids = exchange(send_x), exchange(send_ids)
+  out = expert_fn(recv_x.reshape(num_shards * capacity, width), recv_ids.reshape(-1))
+  back = exchange(out.reshape(num_shards, capacity, width))
+  y = back.at[shard, slot].get(mode='fill', fill_value=0)
+  return y, jnp.sum(~kept).astype(jnp.int32)
+
+
+def ragged_layout(expert_counts: jax.Array, num_shards: int, axis_name: str = EXPERT_AXIS):
+  """Sizes and offsets for the two ragged all-to-alls of the dropless exchange (inside shard_map).
+
+  expert_counts [E]: this device's copies per global expert (its copies are sorted by expert, so the ones bound
+  for shard j are the contiguous block j). Returns a dict of [num_shards] int32 arrays
+    send_sizes, send_offsets: this device's block for shard j (in its sorted copies)
+    recv_sizes, recv_offsets: the block received from shard i (in this device's receive buffer, ordered by source)
+    remote_recv_offsets: where this device's block lands in shard j's receive buffer
+    remote_send_offsets: where shard i's block for this device starts in shard i's sorted copies
+  and recv_counts [num_shards, G]: copies received from shard i for local expert g.
+  """
+  per_shard = expert_counts.reshape(num_shards, -1).astype(jnp.int32)  # [shards, G]
+  exchange = functools.partial(jax.lax.all_to_all, axis_name=axis_name, split_axis=0, concat_axis=0, tiled=True)
+  send_sizes = per_shard.sum(axis=1)
+  send_offsets = _exclusive_cumsum(send_sizes)
+  recv_counts = exchange(per_shard)
+  recv_sizes = recv_counts.sum(axis=1)
+  recv_offsets = _exclusive_cumsum(recv_sizes)
+  return dict(send_sizes=send_sizes, send_offsets=send_offsets, recv_sizes=recv_sizes, recv_offsets=recv_offsets,
+              remote_recv_offsets=exchange(recv_offsets), remote_send_offsets=exchange(send_offsets),
+              recv_counts=recv_counts)
+
+
+def received_expert_ids(recv_counts: jax.Array, buffer_rows: int) -> jax.Array:
+  """Local expert of each row of the dropless receive buffer. recv_counts [shards, G] -> [buffer_rows] int32.
+
+  The buffer holds the block of shard 0, then shard 1, ..., each sorted by expert: the concatenation of
+  shards * G segments in (source, expert) order; rows past the last segment get G (empty)."""
+  num_local = recv_counts.shape[1]
+  segment_ends = jnp.cumsum(recv_counts.reshape(-1))
+  segment = jnp.searchsorted(segment_ends, jnp.arange(buffer_rows, dtype=segment_ends.dtype), side='right')
+  return jnp.where(segment < segment_ends.shape[0], segment % num_local, num_local).astype(jnp.int32)
+
+
+def ragged_exchange(sorted_x: jax.Array, sorted_ids: jax.Array, expert_fn, *, local_experts: int, num_shards: int,
+                    axis_name: str = EXPERT_AXIS, ragged_all_to_all=jax.lax.ragged_all_to_all):
+  """Dropless all-to-all dispatch (inside shard_map over `axis_name`); arguments as `capacity_exchange`.
+
+  Counts are exchanged first (all_to_all), then the copies travel with `ragged_all_to_all` into a receive buffer
+  of num_shards * S rows (the worst case: every shard sends all its copies here), and the results come back the
+  same way. `ragged_all_to_all` is injectable so the layout can be tested where XLA lacks the collective (CPU).
+  """
+  copies, width = sorted_x.shape
+  layout = ragged_layout(jnp.bincount(sorted_ids, length=num_shards * local_experts), num_shards,
+                         axis_name)
+  buffer_rows = num_shards * copies
+  recv_x = ragged_all_to_all(sorted_x, jnp.zeros((buffer_rows, width), sorted_x.dtype), layout['send_offsets'],
+                             layout['send_sizes'], layout['remote_recv_offsets'], layout['recv_sizes'],
+                             axis_name=axis_name)
+  out = expert_fn(recv_x, received_expert_ids(layout['recv_counts'], buffer_rows))
+  y = ragged_all_to_all(out, jnp.zeros_like(sorted_x), layout['recv_offsets'], layout['recv_sizes'],
+                        layout['remote_send_offsets'], layout['send_sizes'], axis_name=axis_name)
+  return y, jnp.zeros((), jnp.int32)
+
+
+def _check_expert_axis(num_experts: int, mesh: Mesh) -> None:
+  if num_experts % mesh.shape[EXPERT_AXIS]:
+    raise ConfigError(f'num_experts={num_experts} is not divisible by the expert axis ({mesh.shape[EXPERT_AXIS]}) '
+                      f'of mesh {dict(mesh.shape)}')
+
+
+def _active_expert_mesh(num_experts: int, num_tokens: int, width: int) -> tuple[Mesh, dict] | None:
+  """The (mesh, rules) of the enclosing `sharding.use_mesh` if its expert axis has more than one device and the
+  tokens split over it; None otherwise (then the dropless single-program dispatch runs under GSPMD, e.g. for a
+  decode batch smaller than the expert axis)."""
+  context = sharding._CONTEXT  # pylint: disable=protected-access  (the mesh of sharding.use_mesh)
+  mesh = context.mesh
+  if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) == 1:
+    return None
+  _check_expert_axis(num_experts, mesh)
+  token_axes = _as_tuple(sharding.logical_to_spec(('tokens', None), (num_tokens, width), mesh, context.rules)[0])
+  return (mesh, context.rules) if EXPERT_AXIS in token_axes else None
+
+
+def _as_tuple(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def expert_parallel(x: jax.Array, gates: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                    w_down: jax.Array, config: MoEConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES,
+                    ragged_all_to_all=jax.lax.ragged_all_to_all):
+  """The routed experts split over the mesh's 'expert' axis. x: [N, D], gates/expert_ids: [N, K], w_gate/w_up:
+  [E, D, F], w_down: [E, F, D] -> (y [N, D], dropped [] int32: (token, expert) copies dropped over the batch).
+
+  Tokens are split over the batch axes the rules give 'tokens' (which must include 'expert'), expert stacks over
+  'expert' (and F over the axes 'mlp' maps to, e.g. 'tensor': the down projection's partial sums are psum-ed);
+  other weight axes (fsdp's D) are gathered by XLA before the shard_map.
+  """
+  num_tokens, top_k = expert_ids.shape
+  num_experts, width, inner = w_gate.shape
+  num_shards = mesh.shape[EXPERT_AXIS]
+  _check_expert_axis(num_experts, mesh)
+  impl = config.ep_impl
+  if impl == 'auto':
+    impl = 'capacity' if mesh.devices.flat[0].platform == 'cpu' else 'ragged'
+  token_axes = _as_tuple(sharding.logical_to_spec(('tokens', None), (num_tokens, width), mesh, rules)[0])
+  mlp_axes = _as_tuple(sharding.logical_to_spec(('expert', None, 'mlp'), (num_experts, width, inner), mesh,
+                                                rules)[2])
+  token_spec = PartitionSpec(token_axes or None)
+  in_spec = PartitionSpec(EXPERT_AXIS, None, mlp_axes or None)
+  out_spec = PartitionSpec(EXPERT_AXIS, mlp_axes or None, None)
+  local_experts = num_experts // num_shards
+  local_tokens = num_tokens // math.prod(mesh.shape[axis] for axis in token_axes)
+  capacity = math.ceil(config.ep_capacity_factor * local_tokens * top_k / num_shards)
+
+  def local(x, gates, expert_ids, w_gate, w_up, w_down):
+    def expert_fn(rows, local_ids):
+      out = _expert_ffn(rows, local_ids, w_gate, w_up, w_down, config.matmul_impl)
+      return jax.lax.psum(out, mlp_axes) if mlp_axes else out
+    flat_ids = expert_ids.reshape(-1)
+    order = jnp.argsort(flat_ids, stable=True)
+    sorted_x, sorted_ids = jnp.take(x, order // top_k, axis=0), jnp.take(flat_ids, order)
+    if impl == 'capacity':
+      sorted_y, dropped = capacity_exchange(sorted_x, sorted_ids, expert_fn, local_experts=local_experts,
+                                            num_shards=num_shards, capacity=capacity)
+    else:
+      sorted_y, dropped = ragged_exchange(sorted_x, sorted_ids, expert_fn, local_experts=local_experts,
+                                          num_shards=num_shards, ragged_all_to_all=ragged_all_to_all)
+    y = jnp.zeros_like(sorted_y).at[order].set(sorted_y).reshape(x.shape[0], top_k, -1)
+    return jnp.einsum('NKD,NK->ND', y, gates.astype(y.dtype)), jax.lax.psum(dropped, token_axes)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(token_spec, token_spec, token_spec, in_spec, in_spec, out_spec),
+                       out_specs=(token_spec, PartitionSpec()))(x, gates, expert_ids, w_gate, w_up, w_down)
+
+
 class MoE(nnx.Module):
-  """x: [B, T, D] -> (y [B, T, D], aux {'expert_load': [E], 'balance_loss': []})."""
+  """x: [B, T, D] -> (y [B, T, D], aux {'expert_load': [E], 'dropped_tokens': [] int32, 'balance_loss': []}).
+
+  expert_load counts every routed (token, expert) copy over the whole batch; dropped_tokens the copies the
+  capacity exchange of expert parallelism dropped (0 otherwise); balance_loss only when its weight is > 0.
+  """
 
   def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.float32):
     self.config, self.dtype = config, dtype
@@ -112,10 +301,18 @@ class MoE(nnx.Module):
     x = x.astype(self.dtype)
     flat = sharding.constrain(x.reshape(batch * seq_len, hidden_size), ('tokens', 'act_embed'))
     gates, expert_ids, scores = route(flat, self.router[...], self.router_bias[...], self.config)
-    y = self.routed_experts(flat, gates, expert_ids).reshape(batch, seq_len, hidden_size)
+    expert_mesh = _active_expert_mesh(self.config.num_experts, *flat.shape)
+    if expert_mesh is not None:
+      w = lambda param: param[...].astype(self.dtype)
+      y, dropped = expert_parallel(flat, gates, expert_ids, w(self.gate_proj), w(self.up_proj), w(self.down_proj),
+                                   self.config, *expert_mesh)
+    else:
+      y, dropped = self.routed_experts(flat, gates, expert_ids), jnp.zeros((), jnp.int32)
+    y = y.reshape(batch, seq_len, hidden_size)
     if self.shared is not None:
       y = y + self.shared(x)
-    aux = {'expert_load': jnp.bincount(expert_ids.reshape(-1), length=self.config.num_experts).astype(jnp.float32)}
+    aux = {'expert_load': jnp.bincount(expert_ids.reshape(-1), length=self.config.num_experts).astype(jnp.float32),
+           'dropped_tokens': dropped}
     if self.config.balance_loss_weight > 0:
       aux['balance_loss'] = self.config.balance_loss_weight * sequence_balance_loss(scores, expert_ids, batch,
                                                                                    self.config)
