@@ -1,0 +1,114 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # QK-Clip at small scale
+#
+# The K2 report (section 2.1) trains with MuonClip: Muon, then after every update each attention head whose
+# largest pre-softmax logit `S_max` passed `tau` has its query/key weights rescaled by `gamma = tau / S_max`
+# (`k2/optim/qk_clip.py`). Its claims: with vanilla Muon max logits grow without bound (past 1000 in a 9B-activated
+# MoE); QK-Clip holds them at `tau`, and at the aggressive `tau = 30` a 0.5B-activated MoE showed no loss difference.
+#
+# Three arms, same model, data, schedule and peak learning rate (`QK_CLIP_LR`, chosen aggressive so that logits
+# grow): **vanilla Muon**, **MuonClip** (`tau = TAU`) and **AdamW**. Everything comes from one size file:
+# `experiments/ablations/configs/tiny.gin` (k2_tiny, a 2-core CPU); set `SIZE` to
+# `experiments/ablations/configs/small_gpu.gin` for k2_small on one H200. Runs already finished under `ROOT`
+# (for instance by `python -m experiments.ablations.run`) are reused, so then this notebook only collects and plots.
+
+# %%
+import collections
+import os
+import sys
+
+
+def repo_root(path: str) -> str:
+  while not os.path.isdir(os.path.join(path, 'k2')):
+    if os.path.dirname(path) == path:
+      raise RuntimeError('open this notebook inside the k2 repository')
+    path = os.path.dirname(path)
+  return path
+
+
+os.chdir(repo_root(os.getcwd()))
+sys.path.insert(0, os.getcwd())
+
+import jax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from experiments.ablations import ablations  # noqa: E402
+from k2 import model as model_lib  # noqa: E402
+from k2.optim import param_labels  # noqa: E402
+from k2.train import trainer  # noqa: E402
+
+# %% tags=["parameters"]
+SIZE = ablations.TINY_GIN  # the one file to change, e.g. 'experiments/ablations/configs/small_gpu.gin'
+# CI (tests/test_notebooks.py) appends configs/ci.gin: a few steps of a 2-layer k2_tiny.
+GIN_FILES = [SIZE] + ([ablations.CI_GIN] if os.environ.get('K2_NOTEBOOK_CI') else [])
+ROOT = os.environ.get('K2_ABLATION_ROOT', ablations.DEFAULT_ROOT)
+PARALLEL = 1  # training processes at once
+
+# %% [markdown]
+# ## The model, the optimizer and one arm, in a few lines
+# The size file gives the model config; `param_labels` splits the parameters between Muon (hidden matrices) and
+# AdamW (embeddings, head, norms); `trainer.optimizer` builds MuonClip's optax transform. Each arm is one
+# ordinary launcher command: the size file, an arm file (`configs/arms/*.gin`), the learning rate.
+
+# %%
+settings = ablations.read_settings(GIN_FILES)
+params = nnx.state(model_lib.abstract(settings.model_config), nnx.Param)  # shapes only, nothing allocated
+sizes = collections.Counter()
+for label, leaf in zip(jax.tree.leaves(param_labels(params)), jax.tree.leaves(params)):
+  sizes[label] += leaf.size
+optimizer = trainer.optimizer(trainer.schedule(settings.qk_clip_lr, settings.num_steps), name='muonclip')
+print(f'{settings.model_name}: {settings.model_config.num_layers} layers x {settings.model_config.attention.num_heads} '
+      f'heads; parameters trained by Muon {sizes["muon"]:,}, by AdamW {sizes["adamw"]:,}')
+print(f'{settings.num_steps} steps x {settings.tokens_per_step} tokens, peak lr {settings.qk_clip_lr:g}, '
+      f'tau {settings.tau:g}')
+runs = ablations.qk_clip_runs(settings)
+print(' '.join(ablations.command(runs['muonclip'], GIN_FILES, settings, ROOT)))
+
+# %% [markdown]
+# ## Run the three arms (or reuse finished runs)
+
+# %%
+results = ablations.qk_clip_study(GIN_FILES, ROOT, PARALLEL)
+
+# %% [markdown]
+# ## Max logits, clipped heads, loss
+# Top left: the largest pre-clip logit of each step (over all layers and heads) and, dotted, MuonClip's largest
+# logit after that step's rescale. Bottom: each layer's largest logit, per arm.
+
+# %%
+figure = ablations.plot_qk_clip(results)
+
+# %% [markdown]
+# ## The numbers
+
+# %%
+tau = results['tau']
+print(f'tau = {tau:g}')
+print(f'{"arm":10s} {"peak max logit":>15s} {"steps > tau":>12s} {"first":>6s} {"peak after clip":>16s} '
+      f'{"clipped head-steps":>19s} {"final val loss":>15s}')
+for name, arm in results['arms'].items():
+  s = arm['summary']
+  after = s.get('peak_max_logit_after_clip')
+  print(f'{name:10s} {s["peak_max_logit"]:15.2f} {s["steps_over_tau_pre_clip"]:12d} '
+        f'{str(s["first_step_over_tau"]):>6s} {"-" if after is None else f"{after:.2f}":>16s} '
+        f'{s["clipped_head_steps"]:19d} {arm["final_val_loss"]:15.4f}')
+clip = results['arms']['muonclip']
+muon = results['arms']['muon']
+print(f'MuonClip: largest pre-clip overshoot {clip["summary"]["max_overshoot_pre_clip"]:+.2f} '
+      f'({clip["summary"]["max_overshoot_pre_clip_percent"]:+.1f}% of tau) within a step; '
+      f'steps ending above tau: {clip["summary"]["steps_ending_over_tau"]}')
+print(f'MuonClip final val loss vs vanilla Muon: '
+      f'{100 * (clip["final_val_loss"] / muon["final_val_loss"] - 1):+.2f}%')
