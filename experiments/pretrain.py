@@ -12,6 +12,7 @@ import sys
 import gin
 from absl import app, flags, logging
 
+from k2 import distributed
 from k2.config import ConfigError
 from k2.train import trainer
 
@@ -19,6 +20,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _GIN_FILE = flags.DEFINE_multi_string('gin_file', ['configs/pretrain/tiny.gin'], 'Gin config files.')
 _GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings, e.g. "NUM_STEPS = 10".')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/k2_tiny', 'Checkpoints, metrics and the operative config go here.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for multi-process jobs '
+                                   'the environment (TPU pod, SLURM, MPI) does not describe.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator_address: processes in the job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address: this process, 0-based.')
 
 
 def parse_gin(files, bindings) -> None:
@@ -46,6 +51,7 @@ def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:  # orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   run(_GIN_FILE.value, _GIN_BINDINGS.value, _WORKDIR.value)
 
 

@@ -165,3 +165,23 @@ def test_checkpoint_of_another_model_shape_is_refused_and_kept(tmp_path):
   error = str(exit_info.value.code)
   assert error.startswith('error: ') and 'different model' in error and 'num_layers' in error, error
   assert sorted(str(p) for p in workdir.rglob('*')) == before
+
+
+@pytest.mark.slow
+def test_two_processes_train_data_parallel_and_checkpoint(tmp_path):
+  """JAX's multi-controller runtime on one machine: two CPU processes, one device each, MESH {'data': 2}."""
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  workdir = tmp_path / 'run'
+  processes = [subprocess.Popen(
+      command(workdir, 'NUM_STEPS = 4', 'CHECKPOINT_EVERY = 2', 'EVAL_EVERY = 4', "MESH = {'data': 2}") +
+      [f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={i}'],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}) for i in range(2)]
+  outputs = [p.communicate(timeout=600) for p in processes]
+  assert [p.returncode for p in processes] == [0, 0], outputs[0][1][-3000:]
+  assert [r['step'] for r in records(workdir)] == [1, 2, 3, 4]
+  assert checkpoint_steps(workdir) == [2, 4]
+  assert 'validation loss' in outputs[0][0] and 'validation loss' not in outputs[1][0]

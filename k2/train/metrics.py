@@ -45,6 +45,16 @@ class MetricWriter:
     self._events.close()
 
 
+class NullWriter:
+  """What processes other than the first write: nothing."""
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    del step, metrics
+
+  def close(self) -> None:
+    pass
+
+
 def progress_line(step: int, num_steps: int, metrics: dict[str, float], elapsed: float, steps_done: int) -> str:
   eta = elapsed / max(steps_done, 1) * (num_steps - step)
   line = (f'step {step:6d}/{num_steps}  loss {metrics["loss"]:.4f}  max_logit {metrics["max_logit"]:6.1f}  '

@@ -66,6 +66,8 @@ def optimizer(learning_rate: optax.Schedule, name: str = 'muonclip', weight_deca
 def make_run_mesh(axis_sizes: dict | None, config: ModelConfig, batch_size: int, grad_accum_steps: int):
   """The run's mesh ({} or None: one device), with the batch and expert splits checked against it."""
   axis_sizes = dict(axis_sizes or {})
+  if not axis_sizes and jax.process_count() > 1:
+    axis_sizes = {'data': jax.device_count()}  # several hosts and no MESH: plain data parallelism
   devices = jax.devices() if axis_sizes else jax.devices()[:1]
   mesh = sharding.make_mesh(axis_sizes, devices)
   if config.moe.num_experts % mesh.shape['expert']:
@@ -141,9 +143,11 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
     checkpoint_lib.Checkpointer(checkpoint_dir, every=checkpoint_every).check_compatible(model_config)
 
   # 2. The run.
+  lead = jax.process_index() == 0  # one process writes the workdir's text files; all of them write checkpoints
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'operative_config.gin'), 'w') as f:
-    f.write(gin.operative_config_str())
+  if lead:
+    with open(os.path.join(workdir, 'operative_config.gin'), 'w') as f:
+      f.write(gin.operative_config_str())
   lr_schedule = schedule(learning_rate, num_steps)
   tx = optimizer(lr_schedule)
   local_rows = batch_size // jax.process_count()
@@ -167,7 +171,7 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
     if start_step:
       state = checkpointer.restore(start_step, checkpoint_lib.abstract_like(state), train_data)
       print(f'resumed from {checkpoint_dir}/{start_step}', flush=True)
-    writer = metrics_lib.MetricWriter(workdir, resume_step=start_step)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start_step) if lead else metrics_lib.NullWriter()
     preemption = _Preemption()
     tokens_per_step = batch_size * seq_len
     record: dict[str, float] = {}
@@ -184,7 +188,9 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
           if due_eval:
             record['eval_loss'] = evaluate(state, eval_data, setup, run_mesh)
           writer.write(step, record)
-          print(metrics_lib.progress_line(step, num_steps, record, now - run_start, step - start_step), flush=True)
+          if lead:
+            print(metrics_lib.progress_line(step, num_steps, record, now - run_start, step - start_step),
+                  flush=True)
           last_time, last_step = time.time(), step
         checkpointer.save(step, state, train_data, model_config, force=preemption.requested or step == num_steps)
         if preemption.requested:
@@ -200,9 +206,10 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
     final = dict(record)
     final['eval_loss'] = evaluate(state, eval_data, setup, run_mesh)
     final['unigram_loss'] = pipeline.unigram_loss(eval_data, tok.vocab_size)
-    print(f'validation loss {final["eval_loss"]:.4f} nats/token after {num_steps} steps '
-          f'(unigram model of the same tokens: {final["unigram_loss"]:.4f}; {time.time() - run_start:.0f}s)',
-          flush=True)
+    if lead:
+      print(f'validation loss {final["eval_loss"]:.4f} nats/token after {num_steps} steps '
+            f'(unigram model of the same tokens: {final["unigram_loss"]:.4f}; {time.time() - run_start:.0f}s)',
+            flush=True)
     if sample_tokens and jax.process_count() == 1:
       print_samples(state, setup, tok, sample_prompt, sample_tokens)
     export_dir = os.path.join(workdir, 'model')
