@@ -1,6 +1,7 @@
 """Issue 5, acceptance 1: training through the launcher with each MESH preset on 8 fake CPU devices gives the same
 losses and final parameters as one device.
 
+Expert parallelism (an 'expert' axis) dispatches tokens with all-to-all inside shard_map (k2/moe.py).
 Newton-Schulz runs in float32 here (optimizer.ns_dtype): sharded reductions sum in another order (~1e-7), and
 bfloat16 Newton-Schulz would round those differences up to ~1e-3 per step; in float32 the runs stay within the
 tolerances below (losses rtol 1e-4, parameters atol 1e-4 after the steps).
@@ -20,7 +21,10 @@ from k2 import convert
 STEPS = 20
 COMMON = ['SEQ_LEN = 32', 'BATCH_SIZE = 8', f'NUM_STEPS = {STEPS}', 'CHECKPOINT_EVERY = 1000', 'EVAL_EVERY = 1000',
           'train.log_every = 1', 'train.eval_batches = 1', 'train.sample_tokens = 0',
-          "optimizer.ns_dtype = 'float32'", 'schedule.warmup_steps = 2', 'train.qk_clip_tau = 4.0']
+          "optimizer.ns_dtype = 'float32'", 'schedule.warmup_steps = 2', 'train.qk_clip_tau = 4.0',
+          # Expert parallelism on CPU uses the capacity exchange; with room for every copy nothing drops and the
+          # run must equal one device exactly (asserted below).
+          'model_config.ep_capacity_factor = 8.0']
 
 
 def run(workdir, mesh):
@@ -51,6 +55,7 @@ def test_preset_matches_one_device(tmp_path, one_device, mesh):
   assert [r['step'] for r in rows] == list(range(1, STEPS + 1))
   np.testing.assert_allclose([r['loss'] for r in rows], [r['loss'] for r in want_rows], rtol=1e-4)
   assert [r['clipped_heads'] for r in rows] == [r['clipped_heads'] for r in want_rows]
+  assert all(r['dropped_tokens'] == 0 for r in rows)
   assert sum(r['clipped_heads'] for r in rows) > 0  # QK-Clip fired, so the clip path is compared too
   for got, want in zip(params, want_params):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-3)

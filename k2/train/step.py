@@ -80,17 +80,18 @@ def _gradients(state: TrainState, batch, setup: StepSetup):
 
   def one(carry, micro_batch):
     (_, (loss, aux)), grads = grad_fn(state.params, state.buffers, setup.graphdef, micro_batch)
-    loss_sum, grad_sum, max_logits, load = carry
+    loss_sum, grad_sum, max_logits, load, dropped = carry
     grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-    return (loss_sum + loss, grad_sum, jnp.maximum(max_logits, aux['max_logits']), load + aux['expert_load']), None
+    return (loss_sum + loss, grad_sum, jnp.maximum(max_logits, aux['max_logits']), load + aux['expert_load'],
+            dropped + aux['dropped_tokens']), None
 
   config = setup.model_config
   zeros = (jnp.zeros((), jnp.float32), jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params),
            jnp.full((config.num_layers, config.attention.num_heads), -jnp.inf, jnp.float32),
-           jnp.zeros((config.num_moe_layers, config.moe.num_experts), jnp.float32))
-  (loss_sum, grad_sum, max_logits, load), _ = jax.lax.scan(one, zeros, micro)
+           jnp.zeros((config.num_moe_layers, config.moe.num_experts), jnp.float32), jnp.zeros((), jnp.int32))
+  (loss_sum, grad_sum, max_logits, load, dropped), _ = jax.lax.scan(one, zeros, micro)
   grads = jax.tree.map(lambda g, p: (g / accum).astype(p.dtype), grad_sum, state.params)
-  return loss_sum / accum, grads, {'max_logits': max_logits, 'expert_load': load}
+  return loss_sum / accum, grads, {'max_logits': max_logits, 'expert_load': load, 'dropped_tokens': dropped}
 
 
 def _update_router_bias(buffers: nnx.State, graphdef, params, expert_load: jax.Array, rate: float) -> nnx.State:
@@ -133,6 +134,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], setup: StepSetup)
       'max_logit': jnp.max(aux['max_logits']),
       'max_logit_after_clip': max_logit_after_clip,
       'clipped_heads': clipped_heads,
+      'dropped_tokens': aux['dropped_tokens'],  # expert parallelism's capacity exchange (0 when dropless)
       'expert_load_max_over_mean': (jnp.max(load / jnp.maximum(jnp.mean(load, axis=-1, keepdims=True), 1e-9))
                                     if load.size else jnp.ones(())),
   }
