@@ -76,8 +76,8 @@ class MoEConfig:
   matmul_impl: str = 'auto'
   # Expert parallelism (a mesh with an 'expert' axis > 1, k2.moe.expert_parallel): 'ragged' is dropless
   # (jax.lax.ragged_all_to_all), 'capacity' sends at most ep_capacity_factor * tokens * K / ep token copies to each
-  # expert shard and drops the rest (counted in aux['dropped_tokens']); 'auto' is ragged on GPU/TPU, capacity on CPU
-  # (XLA:CPU has no ragged all-to-all).
+  # expert shard and drops the rest (counted in aux['dropped_tokens']); 'auto' is dropless: ragged on GPU/TPU, and
+  # on CPU (XLA:CPU has no ragged all-to-all) capacity with buffers that hold every copy.
   ep_impl: str = 'auto'
   ep_capacity_factor: float = 1.25
 

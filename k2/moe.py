@@ -13,7 +13,9 @@ in `jax.shard_map` (`expert_parallel`): each device routes its own tokens, sends
 device that owns the expert (expert stacks are split into ep blocks of E/ep experts) with an all-to-all, runs its
 local experts, and sends the results back. `MoEConfig.ep_impl` picks the exchange: 'ragged' (dropless,
 `jax.lax.ragged_all_to_all`, GPU/TPU) or 'capacity' (fixed [ep, capacity, D] buffers and `jax.lax.all_to_all`;
-copies beyond capacity are dropped and counted in aux['dropped_tokens']). The router, the shared experts and the
+copies beyond capacity are dropped and counted in aux['dropped_tokens']); 'auto' is ragged on GPU/TPU and, on CPU
+(XLA:CPU has no ragged all-to-all), the capacity exchange with buffers large enough never to drop, so the default
+is dropless and equals one device on every backend. The router, the shared experts and the
 expert-load count stay outside, in plain GSPMD, so expert_load is always the global count.
 """
 
@@ -86,18 +88,13 @@ def sequence_balance_loss(scores: jax.Array, expert_ids: jax.Array, batch: int, 
 EXPERT_AXIS = 'expert'
 
 
-def _expert_ffn(x: jax.Array, local_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-                matmul_impl: str) -> jax.Array:
-  """SwiGLU of each row through its expert. x: [M, D], local_ids: [M] in [0, G] (G = w_gate.shape[0] marks an
-  empty row, whose output is zero) -> [M, D] in the order of x."""
-  num_experts = w_gate.shape[0]
-  order = jnp.argsort(local_ids, stable=True)  # empty rows (id G) sort last, past sum(group_sizes): output zero
-  group_sizes = jnp.bincount(local_ids, length=num_experts).astype(jnp.int32)
-  sorted_x = jnp.take(x, order, axis=0)
+def expert_ffn(sorted_x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+               matmul_impl: str = 'auto') -> jax.Array:
+  """SwiGLU of rows sorted by expert through their expert. sorted_x: [M, D] (group_sizes [E] rows per expert; rows
+  past sum(group_sizes) come out zero), w_gate/w_up: [E, D, F], w_down: [E, F, D] -> [M, D]."""
   matmul = functools.partial(grouped_matmul, group_sizes=group_sizes, impl=matmul_impl)
   hidden = jax.nn.silu(matmul(sorted_x, w_gate)) * matmul(sorted_x, w_up)
-  sorted_y = matmul(hidden, w_down)
-  return jnp.zeros_like(sorted_y).at[order].set(sorted_y)
+  return matmul(hidden, w_down)
 
 
 def _exclusive_cumsum(sizes: jax.Array) -> jax.Array:
@@ -225,9 +222,9 @@ def expert_parallel(x: jax.Array, gates: jax.Array, expert_ids: jax.Array, w_gat
   num_experts, width, inner = w_gate.shape
   num_shards = mesh.shape[EXPERT_AXIS]
   _check_expert_axis(num_experts, mesh)
-  impl = config.ep_impl
-  if impl == 'auto':
-    impl = 'capacity' if mesh.devices.flat[0].platform == 'cpu' else 'ragged'
+  impl, capacity_factor = config.ep_impl, config.ep_capacity_factor
+  if impl == 'auto':  # dropless everywhere: on CPU, a capacity exchange whose buffers hold every local copy
+    impl, capacity_factor = ('capacity', num_shards) if mesh.devices.flat[0].platform == 'cpu' else ('ragged', 0)
   token_axes = _as_tuple(sharding.logical_to_spec(('tokens', None), (num_tokens, width), mesh, rules)[0])
   mlp_axes = _as_tuple(sharding.logical_to_spec(('expert', None, 'mlp'), (num_experts, width, inner), mesh,
                                                 rules)[2])
@@ -236,12 +233,17 @@ def expert_parallel(x: jax.Array, gates: jax.Array, expert_ids: jax.Array, w_gat
   out_spec = PartitionSpec(EXPERT_AXIS, mlp_axes or None, None)
   local_experts = num_experts // num_shards
   local_tokens = num_tokens // math.prod(mesh.shape[axis] for axis in token_axes)
-  capacity = math.ceil(config.ep_capacity_factor * local_tokens * top_k / num_shards)
+  # Copies each device may send to each expert shard; a factor of num_shards or more never drops (a device holds
+  # local_tokens * top_k copies in all).
+  capacity = min(math.ceil(capacity_factor * local_tokens * top_k / num_shards), local_tokens * top_k)
 
   def local(x, gates, expert_ids, w_gate, w_up, w_down):
-    def expert_fn(rows, local_ids):
-      out = _expert_ffn(rows, local_ids, w_gate, w_up, w_down, config.matmul_impl)
-      return jax.lax.psum(out, mlp_axes) if mlp_axes else out
+    def expert_fn(rows, local_ids):  # received rows in arrival order; local_ids == local_experts: empty slot
+      order = jnp.argsort(local_ids, stable=True)  # empty slots sort last, past sum(group_sizes): output zero
+      group_sizes = jnp.bincount(local_ids, length=local_experts).astype(jnp.int32)
+      out = expert_ffn(jnp.take(rows, order, axis=0), group_sizes, w_gate, w_up, w_down, config.matmul_impl)
+      out = jax.lax.psum(out, mlp_axes) if mlp_axes else out  # F split over 'mlp' axes: sum the partial products
+      return jnp.zeros_like(out).at[order].set(out)
     flat_ids = expert_ids.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)
     sorted_x, sorted_ids = jnp.take(x, order // top_k, axis=0), jnp.take(flat_ids, order)
@@ -290,18 +292,17 @@ class MoE(nnx.Module):
     group_sizes = jnp.bincount(flat_ids, length=self.config.num_experts).astype(jnp.int32)
     sorted_x = jnp.take(x, order // top_k, axis=0)
     w = lambda param: param[...].astype(self.dtype)
-    matmul = functools.partial(grouped_matmul, group_sizes=group_sizes, impl=self.config.matmul_impl)
-    hidden = jax.nn.silu(matmul(sorted_x, w(self.gate_proj))) * matmul(sorted_x, w(self.up_proj))
-    sorted_y = matmul(hidden, w(self.down_proj))
+    sorted_y = expert_ffn(sorted_x, group_sizes, w(self.gate_proj), w(self.up_proj), w(self.down_proj),
+                          self.config.matmul_impl)
     y = jnp.zeros_like(sorted_y).at[order].set(sorted_y).reshape(num_tokens, top_k, -1)
     return jnp.einsum('NKD,NK->ND', y, gates.astype(y.dtype))
 
   def __call__(self, x: jax.Array):
     batch, seq_len, hidden_size = x.shape
+    expert_mesh = _active_expert_mesh(self.config.num_experts, batch * seq_len, hidden_size)
     x = x.astype(self.dtype)
     flat = sharding.constrain(x.reshape(batch * seq_len, hidden_size), ('tokens', 'act_embed'))
     gates, expert_ids, scores = route(flat, self.router[...], self.router_bias[...], self.config)
-    expert_mesh = _active_expert_mesh(self.config.num_experts, *flat.shape)
     if expert_mesh is not None:
       w = lambda param: param[...].astype(self.dtype)
       y, dropped = expert_parallel(flat, gates, expert_ids, w(self.gate_proj), w(self.up_proj), w(self.down_proj),

@@ -4,6 +4,7 @@ copies past capacity and reports how many; the dropless ragged exchange is check
 for ragged_all_to_all, which XLA:CPU lacks."""
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -17,7 +18,7 @@ from k2.config import ConfigError, MoEConfig
 from k2.moe import MoE, expert_parallel, received_expert_ids, route
 
 CONFIG = MoEConfig(hidden_size=16, num_experts=8, num_experts_per_token=2, num_shared_experts=1,
-                   expert_intermediate_size=12, routed_scaling_factor=2.827, ep_impl='capacity')
+                   expert_intermediate_size=12, routed_scaling_factor=2.827)
 BATCH_AXES = ('data', 'fsdp', 'expert')
 MESHES = [{'expert': 8}, {'data': 2, 'expert': 4}, {'fsdp': 2, 'expert': 2, 'tensor': 2}]
 
@@ -47,14 +48,21 @@ def forward_and_grads(moe, x):
   return y, aux, grad_params, grad_x, compiled.as_text()
 
 
-@pytest.mark.parametrize('axes', MESHES, ids=str)
-def test_capacity_exchange_without_drops_equals_one_device(axes):
-  config = dataclasses.replace(CONFIG, ep_capacity_factor=float(8))  # capacity = every local copy: none drop
-  moe, x = make_moe(config), inputs()
-  y_one, aux_one, grads_one, grad_x_one, hlo_one = forward_and_grads(moe, x)
-  np.testing.assert_allclose(np.asarray(y_one), np.asarray(moe.dense_reference(x)), rtol=1e-5, atol=1e-5)
-  assert 'all-to-all' not in hlo_one
+@functools.cache
+def one_device():
+  """forward_and_grads of make_moe() on inputs() without a mesh (computed once for every mesh)."""
+  moe, x = make_moe(), inputs()
+  y, aux, grads, grad_x, hlo = forward_and_grads(moe, x)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(moe.dense_reference(x)), rtol=1e-5, atol=1e-5)
+  assert 'all-to-all' not in hlo
+  return y, aux, grads, grad_x
 
+
+@pytest.mark.parametrize('axes', MESHES, ids=str)
+def test_default_exchange_is_dropless_and_equals_one_device(axes):
+  """ep_impl='auto' on CPU: the capacity exchange with buffers that hold every local copy."""
+  y_one, aux_one, grads_one, grad_x_one = one_device()
+  moe, x = make_moe(), inputs()
   mesh = sharding.make_mesh(axes)
   with sharding.use_mesh(mesh):
     sharding.shard_model(moe, mesh)
@@ -79,7 +87,7 @@ def expert_ffn_numpy(moe, x, expert):
 
 def test_capacity_exchange_drops_and_counts_the_copies_past_capacity():
   axes, capacity_factor = {'data': 2, 'expert': 4}, 0.5
-  config = dataclasses.replace(CONFIG, ep_capacity_factor=capacity_factor)
+  config = dataclasses.replace(CONFIG, ep_impl='capacity', ep_capacity_factor=capacity_factor)
   moe, x = make_moe(config, skew=True), inputs()
   flat = np.asarray(x, np.float64).reshape(-1, config.hidden_size)
   gates, expert_ids, _ = map(np.asarray, route(x.reshape(-1, config.hidden_size), moe.router[...],
