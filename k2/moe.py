@@ -225,6 +225,8 @@ def expert_parallel(x: jax.Array, gates: jax.Array, expert_ids: jax.Array, w_gat
   impl, capacity_factor = config.ep_impl, config.ep_capacity_factor
   if impl == 'auto':  # dropless everywhere: on CPU, a capacity exchange whose buffers hold every local copy
     impl, capacity_factor = ('capacity', num_shards) if mesh.devices.flat[0].platform == 'cpu' else ('ragged', 0)
+  if impl == 'ragged' and ragged_all_to_all is jax.lax.ragged_all_to_all and mesh.devices.flat[0].platform == 'cpu':
+    raise ConfigError("ep_impl='ragged' needs ragged_all_to_all, which XLA:CPU lacks; use 'auto' or 'capacity'")
   token_axes = _as_tuple(sharding.logical_to_spec(('tokens', None), (num_tokens, width), mesh, rules)[0])
   mlp_axes = _as_tuple(sharding.logical_to_spec(('expert', None, 'mlp'), (num_experts, width, inner), mesh,
                                                 rules)[2])

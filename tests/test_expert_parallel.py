@@ -163,8 +163,14 @@ def test_received_expert_ids_follow_the_source_major_layout():
   np.testing.assert_array_equal(np.asarray(received_expert_ids(recv_counts, 9)), [0, 0, 0, 1, 1, 1, 2, 2, 2])
 
 
-def test_experts_not_divisible_by_expert_axis_is_one_line_error():
+def test_bad_expert_parallel_setups_are_one_line_errors():
+  mesh = sharding.make_mesh({'data': 2, 'expert': 4})
   moe = make_moe(dataclasses.replace(CONFIG, num_experts=6))
-  with sharding.use_mesh(sharding.make_mesh({'data': 2, 'expert': 4})):
+  with sharding.use_mesh(mesh):
     with pytest.raises(ConfigError, match=r'num_experts=6 is not divisible by the expert axis \(4\)'):
       moe(inputs())
+  moe, config = make_moe(), dataclasses.replace(CONFIG, ep_impl='ragged')
+  flat = inputs().reshape(-1, CONFIG.hidden_size)
+  gates, expert_ids, _ = route(flat, moe.router[...], moe.router_bias[...], config)
+  with pytest.raises(ConfigError, match='XLA:CPU lacks'):
+    expert_parallel(flat, gates, expert_ids, moe.gate_proj[...], moe.up_proj[...], moe.down_proj[...], config, mesh)
