@@ -195,13 +195,12 @@ def _active_expert_mesh(num_experts: int, num_tokens: int, width: int) -> tuple[
   """The (mesh, rules) of the enclosing `sharding.use_mesh` if its expert axis has more than one device and the
   tokens split over it; None otherwise (then the dropless single-program dispatch runs under GSPMD, e.g. for a
   decode batch smaller than the expert axis)."""
-  context = sharding._CONTEXT  # pylint: disable=protected-access  (the mesh of sharding.use_mesh)
-  mesh = context.mesh
+  mesh, rules = sharding.active_mesh()
   if mesh is None or mesh.shape.get(EXPERT_AXIS, 1) == 1:
     return None
   _check_expert_axis(num_experts, mesh)
-  token_axes = _as_tuple(sharding.logical_to_spec(('tokens', None), (num_tokens, width), mesh, context.rules)[0])
-  return (mesh, context.rules) if EXPERT_AXIS in token_axes else None
+  token_axes = _as_tuple(sharding.logical_to_spec(('tokens', None), (num_tokens, width), mesh, rules)[0])
+  return (mesh, rules) if EXPERT_AXIS in token_axes else None
 
 
 def _as_tuple(entry) -> tuple[str, ...]:

@@ -140,6 +140,11 @@ def use_mesh(mesh: Mesh, rules: Mapping[str, Sequence[str]] = DEFAULT_RULES):
     _CONTEXT.mesh, _CONTEXT.rules = previous
 
 
+def active_mesh() -> tuple[Mesh | None, Mapping[str, Sequence[str]]]:
+  """(mesh, rules) of the enclosing `use_mesh` block; mesh is None outside one."""
+  return _CONTEXT.mesh, _CONTEXT.rules
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """with_sharding_constraint by logical names; the identity when no mesh is active."""
   mesh = _CONTEXT.mesh
