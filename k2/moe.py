@@ -261,6 +261,26 @@ def expert_parallel(x: jax.Array, gates: jax.Array, expert_ids: jax.Array, w_gat
                        out_specs=(token_spec, PartitionSpec()))(x, gates, expert_ids, w_gate, w_up, w_down)
 
 
+@jax.custom_vjp
+def permute_rows(x: jax.Array, order: jax.Array, inverse: jax.Array) -> jax.Array:
+  """x[order] for a permutation `order` whose inverse is `inverse`. Its gradient is the gather g[inverse]: XLA
+  would otherwise differentiate the gather into a scatter-add, several times slower on GPUs (profiled on the
+  H200 in BENCHMARKS.md, bench_train)."""
+  return jnp.take(x, order, axis=0, unique_indices=True)
+
+
+def _permute_rows_fwd(x, order, inverse):
+  return permute_rows(x, order, inverse), (order, inverse)
+
+
+def _permute_rows_bwd(residuals, g):
+  order, inverse = residuals
+  return jnp.take(g, inverse, axis=0, unique_indices=True), None, None
+
+
+permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
 class MoE(nnx.Module):
   """x: [B, T, D] -> (y [B, T, D], aux {'expert_load': [E], 'dropped_tokens': [] int32, 'balance_loss': []}).
 
@@ -290,12 +310,13 @@ class MoE(nnx.Module):
     num_tokens, top_k = expert_ids.shape
     flat_ids = expert_ids.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
     group_sizes = jnp.bincount(flat_ids, length=self.config.num_experts).astype(jnp.int32)
-    sorted_x = jnp.take(x, order // top_k, axis=0)
+    sorted_x = permute_rows(jnp.repeat(x, top_k, axis=0), order, inverse)
     w = lambda param: param[...].astype(self.dtype)
     sorted_y = expert_ffn(sorted_x, group_sizes, w(self.gate_proj), w(self.up_proj), w(self.down_proj),
                           self.config.matmul_impl)
-    y = jnp.zeros_like(sorted_y).at[order].set(sorted_y).reshape(num_tokens, top_k, -1)
+    y = permute_rows(sorted_y, inverse, order).reshape(num_tokens, top_k, -1)
     return jnp.einsum('NKD,NK->ND', y, gates.astype(y.dtype))
 
   def __call__(self, x: jax.Array):
