@@ -115,12 +115,23 @@ def budget_runs(settings: Settings, adamw_lr: float) -> list[Run]:
 # ---------------------------------------------------------------------------------------------------- running
 
 
+STUDY_MACROS = ('QK_CLIP_LR', 'MUON_LRS', 'ADAMW_LRS', 'ADAMW_BUDGETS')  # read by the studies, not the trainer
+
+
+def _trainer_lines(path: str) -> list[str]:
+  """The lines of a gin file that can change a run: no blank or comment lines, no study macros."""
+  with open(os.path.join(ROOT, path)) as f:
+    lines = [line.strip() for line in f]
+  return [line for line in lines if line and not line.startswith('#')
+          and line.split('=')[0].strip() not in STUDY_MACROS]
+
+
 def workdir(run: Run, gin_files: list[str], settings: Settings, root: str) -> str:
-  """root/<run name>-<digest of the gin files' text and the bindings>: a changed config never reuses a run."""
+  """root/<run name>-<digest of the gin files and bindings>: a changed config never reuses a run (included files
+  and the code are not part of the digest: start from a fresh root after changing those)."""
   digest = hashlib.sha1()
   for name in run.gin_files(gin_files):
-    with open(os.path.join(ROOT, name), 'rb') as f:
-      digest.update(f.read())
+    digest.update(repr(_trainer_lines(name)).encode())
   digest.update(repr(run.bindings(settings)).encode())
   return os.path.join(root, f'{run.name}-{digest.hexdigest()[:8]}')
 
@@ -163,20 +174,22 @@ def run_all(runs: list[Run], gin_files: list[str], settings: Settings, root: str
     time.sleep(0.5)
     for entry in list(active):
       run, process, start = entry
-      if process.poll() is None:
+      pid, status, usage = os.wait4(process.pid, os.WNOHANG)  # like poll(), plus the run's CPU time
+      if not pid:
         continue
       active.remove(entry)
-      path = workdirs[run.name]
-      if process.returncode:
+      path, exit_code = workdirs[run.name], os.waitstatus_to_exitcode(status)
+      if exit_code:
         for _, other, _ in active:
           other.terminate()
         with open(os.path.join(path, 'train.log')) as f:
           tail = f.read()[-3000:]
-        raise RuntimeError(f'{run.name} failed (exit {process.returncode}); end of {path}/train.log:\n{tail}')
+        raise RuntimeError(f'{run.name} failed (exit {exit_code}); end of {path}/train.log:\n{tail}')
+      wall, cpu = time.time() - start, usage.ru_utime + usage.ru_stime
       with open(os.path.join(path, 'done.json'), 'w') as f:
-        json.dump({'run': dataclasses.asdict(run), 'wall_seconds': time.time() - start,
+        json.dump({'run': dataclasses.asdict(run), 'wall_seconds': wall, 'cpu_seconds': cpu,
                    'command': command(run, gin_files, settings, root)}, f, indent=1)
-      echo(f'finished {run.name} in {time.time() - start:.0f}s')
+      echo(f'finished {run.name} in {wall:.0f}s ({cpu:.0f} CPU-s)')
   return workdirs
 
 
@@ -195,11 +208,12 @@ def collect(path: str, run: Run, settings: Settings) -> dict:
   evals = [r for r in records if 'eval_loss' in r]
   layers = sorted(int(k[len('max_logit_layer'):]) for k in steps[0] if k.startswith('max_logit_layer'))
   with open(os.path.join(path, 'done.json')) as f:
-    wall_seconds = json.load(f)['wall_seconds']
+    done = json.load(f)
   result = {
       'optimizer': run.arm, 'learning_rate': run.learning_rate, 'budget': run.budget,
       'num_steps': run.num_steps(settings), 'tokens': run.num_steps(settings) * settings.tokens_per_step,
-      'wall_seconds': round(wall_seconds, 1),
+      'wall_seconds': round(done['wall_seconds'], 1),
+      'cpu_seconds': round(done['cpu_seconds'], 1) if 'cpu_seconds' in done else None,
       'step': [r['step'] for r in steps],
       'loss': [r['loss'] for r in steps],
       'max_logit': [r['max_logit'] for r in steps],
@@ -234,13 +248,16 @@ def run_config(gin_files: list[str], settings: Settings) -> dict:
 def qk_clip_summary(arm: dict, tau: float) -> dict:
   """Peaks and threshold crossings of one arm's max logits."""
   over = [s for s, m in zip(arm['step'], arm['max_logit']) if m > tau]
-  summary = {'peak_max_logit': max(arm['max_logit']), 'steps_over_tau_pre_clip': len(over),
+  peak = max(range(len(arm['step'])), key=lambda i: arm['max_logit'][i])
+  summary = {'peak_max_logit': arm['max_logit'][peak], 'peak_step': arm['step'][peak],
+             'steps_over_tau_pre_clip': len(over),
              'first_step_over_tau': over[0] if over else None,
              'final_max_logit': arm['max_logit'][-1], 'clipped_head_steps': sum(arm['clipped_heads']),
              'steps_with_clipping': sum(1 for c in arm['clipped_heads'] if c)}
   if 'max_logit_after_clip' in arm:
     summary['peak_max_logit_after_clip'] = max(arm['max_logit_after_clip'])
-    summary['steps_ending_over_tau'] = sum(1 for m in arm['max_logit_after_clip'] if m > tau)
+    # gamma * S_max is tau up to float32 rounding (30.000002 for tau 30): count only real excess.
+    summary['steps_ending_over_tau'] = sum(1 for m in arm['max_logit_after_clip'] if m > tau * (1 + 1e-5))
     summary['max_overshoot_pre_clip'] = max(arm['max_logit']) - tau
     summary['max_overshoot_pre_clip_percent'] = 100 * (max(arm['max_logit']) / tau - 1)
   return summary
@@ -291,6 +308,7 @@ def token_efficiency_study(gin_files: list[str], root: str = DEFAULT_ROOT, paral
                   if r['optimizer'] == 'adamw' and r['learning_rate'] == best['adamw']]
   adamw_tokens, how = tokens_to_reach(adamw_points, muon['final_val_loss'])
   for r in runs.values():  # the curves are what the plots need; per-step logs stay in the workdirs
+    r['peak_max_logit'] = max(r['max_logit'])
     for key in ('step', 'loss', 'max_logit', 'max_logit_per_layer', 'clipped_heads', 'max_logit_after_clip'):
       r.pop(key, None)
   return {
@@ -342,7 +360,7 @@ def plot_qk_clip(results: dict):
       ax.plot(arm['step'], arm['max_logit_after_clip'], color=COLORS[name], ls=':', lw=1.5,
               label=f'{LABELS[name]} after the step\'s clip')
   ax.axhline(tau, color='k', ls='--', lw=1, label=f'tau = {tau:g}')
-  ax.set(title='max attention logit (largest head)', xlabel='step', ylabel='max logit')
+  ax.set(title='max attention logit (largest head)', xlabel='step', ylabel='max logit', yscale='log')
   ax.legend(fontsize=8)
   ax = axes[0, 1]
   for name, arm in arms.items():
@@ -359,13 +377,13 @@ def plot_qk_clip(results: dict):
             label=f'{LABELS[name]} val (final {arm["final_val_loss"]:.3f})')
   ax.set(title='loss (nats/token)', xlabel='step', ylabel='loss')
   ax.legend(fontsize=7)
-  top = max(max(max(layer) for layer in arm['max_logit_per_layer']) for arm in arms.values())
+  logits = [v for arm in arms.values() for layer in arm['max_logit_per_layer'] for v in layer]
   for ax, (name, arm) in zip(axes[1], arms.items()):
     for i, layer in enumerate(arm['max_logit_per_layer']):
       ax.plot(arm['step'], layer, lw=1, label=f'layer {i}' + (' (dense)' if i == 0 else ''))
     ax.axhline(tau, color='k', ls='--', lw=1)
     ax.set(title=f'{LABELS[name]}: max logit per layer (pre-clip)', xlabel='step', ylabel='max logit',
-           ylim=(0, 1.05 * top))
+           yscale='log', ylim=(0.9 * min(logits), 1.1 * max(logits)))
     ax.legend(fontsize=8)
   fig.suptitle(f'QK-Clip ablation: {results["config"]["model"]}, peak lr {results["learning_rate"]:g}, '
                f'{results["config"]["num_steps"]} steps x {results["config"]["tokens_per_step"]} tokens')

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -55,7 +57,7 @@ SIZE = ablations.TINY_GIN  # the one file to change, e.g. 'experiments/ablations
 # CI (tests/test_notebooks.py) appends configs/ci.gin: a few steps of a 2-layer k2_tiny.
 GIN_FILES = [SIZE] + ([ablations.CI_GIN] if os.environ.get('K2_NOTEBOOK_CI') else [])
 ROOT = os.environ.get('K2_ABLATION_ROOT', ablations.DEFAULT_ROOT)
-PARALLEL = 1  # training processes at once
+PARALLEL = int(os.environ.get('K2_ABLATION_PARALLEL', '1'))  # training processes at once
 
 # %% [markdown]
 # ## The model, the optimizer and one arm, in a few lines
