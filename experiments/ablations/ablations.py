@@ -18,6 +18,7 @@ runs. `python -m experiments.ablations.run` runs both studies and writes results
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -57,13 +58,23 @@ class Settings:
     return self.batch_size * self.seq_len
 
 
-def read_settings(gin_files: list[str]) -> Settings:
-  """Parses the gin files as the launcher would and reads the macros the studies need."""
+@contextlib.contextmanager
+def parsed(gin_files: list[str]):
+  """The gin files parsed as the launcher parses them, for the duration of the block (gin-configured calls such
+  as `trainer.schedule` and `trainer.optimizer` see the run's bindings); the config is cleared afterwards."""
   from k2.train import trainer  # noqa: F401  (registers the trainer's configurables)
   gin.clear_config()
   gin.add_config_file_search_path(ROOT)
   try:
     gin.parse_config_files_and_bindings([os.path.join(ROOT, f) for f in gin_files], [])
+    yield
+  finally:
+    gin.clear_config()
+
+
+def read_settings(gin_files: list[str]) -> Settings:
+  """Parses the gin files as the launcher would and reads the macros the studies need."""
+  with parsed(gin_files):
     macro = lambda name: gin.query_parameter(f'%{name}')
     return Settings(num_steps=int(macro('NUM_STEPS')), batch_size=int(macro('BATCH_SIZE')),
                     seq_len=int(macro('SEQ_LEN')), tau=float(macro('TAU')), qk_clip_lr=float(macro('QK_CLIP_LR')),
@@ -71,8 +82,6 @@ def read_settings(gin_files: list[str]) -> Settings:
                     adamw_budgets=tuple(map(float, macro('ADAMW_BUDGETS'))),
                     model_name=gin.query_parameter('model_config.name'),
                     model_config=gin.get_configurable('model_config')())
-  finally:
-    gin.clear_config()
 
 
 @dataclasses.dataclass(frozen=True)

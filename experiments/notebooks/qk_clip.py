@@ -71,7 +71,8 @@ params = nnx.state(model_lib.abstract(settings.model_config), nnx.Param)  # shap
 sizes = collections.Counter()
 for label, leaf in zip(jax.tree.leaves(param_labels(params)), jax.tree.leaves(params)):
   sizes[label] += leaf.size
-optimizer = trainer.optimizer(trainer.schedule(settings.qk_clip_lr, settings.num_steps), name='muonclip')
+with ablations.parsed(GIN_FILES):  # the runs' bindings: warm-up, decay, weight decay, momentum
+  optimizer = trainer.optimizer(trainer.schedule(settings.qk_clip_lr, settings.num_steps), name='muonclip')
 print(f'{settings.model_name}: {settings.model_config.num_layers} layers x {settings.model_config.attention.num_heads} '
       f'heads; parameters trained by Muon {sizes["muon"]:,}, by AdamW {sizes["adamw"]:,}')
 print(f'{settings.num_steps} steps x {settings.tokens_per_step} tokens, peak lr {settings.qk_clip_lr:g}, '
