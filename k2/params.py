@@ -18,7 +18,9 @@ from flax import nnx
 from k2 import model as model_lib
 from k2.config import ConfigError, ModelConfig, get_config
 
-_MODEL = flags.DEFINE_string('model', 'k2_full', 'Model variant (k2_full, k2_small, k2_tiny).')
+# k2.plan defines the same --model flag; whichever module is imported first owns it.
+if 'model' not in flags.FLAGS:
+  flags.DEFINE_string('model', 'k2_full', 'Model variant (k2_full, k2_small, k2_tiny).')
 
 _ROUTED = ('gate_proj', 'up_proj', 'down_proj')
 
@@ -42,11 +44,11 @@ def count(config: ModelConfig) -> dict[str, int]:
 def main(argv):
   del argv
   try:
-    config = get_config(_MODEL.value)
+    config = get_config(flags.FLAGS.model)
   except ConfigError as e:
     sys.exit(f'error: {e}')
   counts = count(config)
-  print(f'{_MODEL.value}: total {counts["total"] / 1e9:.3f}B ({counts["total"]:,}), '
+  print(f'{flags.FLAGS.model}: total {counts["total"] / 1e9:.3f}B ({counts["total"]:,}), '
         f'activated per token {counts["activated"] / 1e9:.3f}B ({counts["activated"]:,})')
   print(f'  routed experts {counts["routed_experts"] / 1e9:.3f}B, embedding + output head '
         f'{counts["embedding"] / 1e9:.3f}B')

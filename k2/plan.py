@@ -56,7 +56,9 @@ from k2 import sharding
 from k2.config import ConfigError, ModelConfig, get_config
 from k2.optim.muonclip import param_labels
 
-_MODEL = flags.DEFINE_string('model', 'k2_full', 'Model variant (k2_full, k2_small, k2_tiny).')
+# k2.params defines the same --model flag; whichever module is imported first owns it.
+if 'model' not in flags.FLAGS:
+  flags.DEFINE_string('model', 'k2_full', 'Model variant (k2_full, k2_small, k2_tiny).')
 _MESH = flags.DEFINE_string('mesh', "{'fsdp': 1}", "Mesh axis sizes, e.g. \"{'fsdp': 256, 'expert': 16}\".")
 _CHIPS = flags.DEFINE_integer('chips', 1, 'Number of chips; must equal the product of the mesh axes.')
 _HBM_GIB = flags.DEFINE_float('hbm_gib', 95.0, 'Usable HBM per chip in GiB (TPU v5p 95, H200 ~139).')
@@ -311,7 +313,7 @@ def report(model_name: str, mesh_text: str, chips: int, *, hbm_gib: float, batch
 
 def main(argv):
   del argv
-  print(report(_MODEL.value, _MESH.value, _CHIPS.value, hbm_gib=_HBM_GIB.value, batch=_BATCH.value, seq=_SEQ.value,
+  print(report(flags.FLAGS.model, _MESH.value, _CHIPS.value, hbm_gib=_HBM_GIB.value, batch=_BATCH.value, seq=_SEQ.value,
                grad_accum=_GRAD_ACCUM.value, remat=_REMAT.value, param_dtype=_PARAM_DTYPE.value))
 
 

@@ -115,6 +115,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bit_exactly(tmp_path):
   assert [got[s] for s in range(resumed_from + 1, 15)] == [expected[s] for s in range(resumed_from + 1, 15)]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
   workdir = tmp_path / 'run'
   process = start(workdir, 'NUM_STEPS = 10000', 'CHECKPOINT_EVERY = 1000')

@@ -150,7 +150,9 @@ def lm_batches(docs: Sequence[str], tok: tokenizer_lib.Tokenizer, *, batch_size:
     dataset = dataset.shuffle(seed=seed)
   if repeat:
     dataset = dataset.repeat()
-  dataset = dataset.map(_Tokenize(tok)).to_iter_dataset()
+  # A short read-ahead: grain's default tokenizes hundreds of documents before the first batch (tens of seconds
+  # on a laptop); a few are enough to keep the step fed.
+  dataset = dataset.map(_Tokenize(tok)).to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
   dataset = grain.experimental.ConcatThenSplitIterDataset(
       dataset, length_struct={'inputs': seq_len, 'targets': seq_len})
   dataset = dataset.map(_finish_row)
