@@ -22,6 +22,7 @@ Datasets by name (`dataset=` below, a gin knob):
 
 from __future__ import annotations
 
+import ast
 import glob
 import json
 import os
@@ -140,9 +141,33 @@ def _finish_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
+class Batches:
+  """The pipeline's iterator. Its state is the grain iterator's, written as a Python literal: grain's own JSON
+  form turns the packer's (start, end) tuples into lists, and a restored packer then resumes at the wrong row."""
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    self._iterator = iterator
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  def get_state(self) -> bytes:
+    return repr(self._iterator.get_state()).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self._iterator.set_state(ast.literal_eval(state.decode()))
+
+  def start_prefetch(self) -> None:  # grain.checkpoint calls it after a restore
+    if hasattr(self._iterator, 'start_prefetch'):
+      self._iterator.start_prefetch()
+
+
 def lm_batches(docs: Sequence[str], tok: tokenizer_lib.Tokenizer, *, batch_size: int, seq_len: int, seed: int,
                shuffle: bool = True, repeat: bool = True, process_index: int = 0, process_count: int = 1,
-               shuffle_window_rows: int = 1024) -> grain.DatasetIterator:
+               shuffle_window_rows: int = 1024) -> Batches:
   """A checkpointable iterator of packed batches (see the module docstring). Each process reads a disjoint
   1/process_count of the documents."""
   dataset = grain.MapDataset.source(docs)[process_index::process_count]
@@ -158,7 +183,7 @@ def lm_batches(docs: Sequence[str], tok: tokenizer_lib.Tokenizer, *, batch_size:
   dataset = dataset.map(_finish_row)
   if shuffle:
     dataset = grain.experimental.WindowShuffleIterDataset(dataset, window_size=shuffle_window_rows, seed=seed)
-  return iter(dataset.batch(batch_size, drop_remainder=True))
+  return Batches(iter(dataset.batch(batch_size, drop_remainder=True)))
 
 
 def unigram_loss(batches: Sequence[dict[str, np.ndarray]], vocab_size: int) -> float:

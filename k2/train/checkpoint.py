@@ -72,7 +72,7 @@ class Checkpointer:
       raise ConfigError(f'{self.directory} holds a checkpoint of a different model ({", ".join(differences[:3])}); '
                         'use another --workdir')
 
-  def save(self, step: int, state, data_iterator: grain.DatasetIterator, config: ModelConfig, *,
+  def save(self, step: int, state, data_iterator, config: ModelConfig, *,
            force: bool = False) -> bool:
     """Starts saving (asynchronously) when `step` is a multiple of `every` or `force`; returns whether it did."""
     if not (force or step % self.every == 0) or step in self._manager.all_steps():
@@ -82,7 +82,7 @@ class Checkpointer:
                               meta=ocp.args.JsonSave({'step': step, 'model_config': _shape_fields(config)}))
     return self._manager.save(step, args=args, force=True)
 
-  def restore(self, step: int, abstract_state, data_iterator: grain.DatasetIterator):
+  def restore(self, step: int, abstract_state, data_iterator):
     """The state saved at `step` (placed like `abstract_state`'s shardings); moves data_iterator to that step."""
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
