@@ -20,12 +20,14 @@ import jax.numpy as jnp
 
 TRITON = 'triton'
 MOSAIC = 'mosaic'
+HOPPER = 'hopper'  # Mosaic GPU kernels for H100/H200 (hopper_kernel.py)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tile sizes and launch parameters of the three kernels. Triton needs powers of two (>= 16); Mosaic multiples
-  of 128 (or the whole, 8-aligned, sequence when it is shorter).
+  of 128 (or the whole, 8-aligned, sequence when it is shorter); Hopper 128 rows per program (two warpgroups of 64)
+  on the side each kernel owns, multiples of 64 on the streamed side, and `num_stages` is its ring depth.
 
   Attributes:
     block_q, block_k: forward: query rows per program, keys per step of its loop.
@@ -59,6 +61,11 @@ class BlockSizes:
     The forward's pipelining depth is cut when its q tile and `num_stages` k/v tiles would not fit in 220 KiB
     of shared memory (larger head dims or float32 inputs).
     """
+    if backend == HOPPER:
+      # Two compute warpgroups of 64 rows per program; a two-slot ring of streamed tiles. 128-key forward tiles
+      # fit shared memory up to qk 128 (qk 192 / v 128: 64-key tiles; 160 KiB).
+      return cls(block_q=128, block_k=128 if qk_dim <= 128 else 64, num_stages=2, block_q_dkv=64,
+                 block_k_dkv=128, block_q_dq=128, block_k_dq=64)
     if backend == MOSAIC:
       blocks = cls(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=128, block_q_dq=128, block_k_dq=128)
       return blocks.fit(backend, q_len, kv_len)
@@ -72,7 +79,10 @@ class BlockSizes:
     return dataclasses.replace(blocks, num_stages=stages).fit(backend, q_len, kv_len)
 
   def fit(self, backend: str, q_len: int, kv_len: int) -> 'BlockSizes':
-    """These sizes capped to the (rounded-up) sequence lengths, so short sequences are not padded to a tile."""
+    """These sizes capped to the (rounded-up) sequence lengths, so short sequences are not padded to a tile.
+    (Hopper tiles are fixed by its warpgroups: short sequences are padded.)"""
+    if backend == HOPPER:
+      return self
     q_cap, kv_cap = _largest_block(backend, q_len), _largest_block(backend, kv_len)
     return dataclasses.replace(
         self, block_q=min(self.block_q, q_cap), block_k=min(self.block_k, kv_cap),

@@ -16,20 +16,25 @@ import jax
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
+from pallas_kernels.flash_attention import hopper_kernel
 from pallas_kernels.flash_attention import mosaic_kernel
 from pallas_kernels.flash_attention import triton_kernel
+from pallas_kernels.flash_attention.blocks import HOPPER
 from pallas_kernels.flash_attention.blocks import MOSAIC
 from pallas_kernels.flash_attention.blocks import TRITON
 from pallas_kernels.flash_attention.blocks import BlockSizes
 from pallas_kernels.flash_attention.blocks import visit_ranges
 
-_KERNELS = {TRITON: triton_kernel, MOSAIC: mosaic_kernel}
+_KERNELS = {TRITON: triton_kernel, MOSAIC: mosaic_kernel, HOPPER: hopper_kernel}
 
 
-def kernel_backend(interpret) -> str:
-  """Mosaic on TPU and for TPU interpret mode (pltpu.InterpretParams); Triton on GPU and for plain interpret mode."""
+def kernel_backend(interpret, q=None, k=None, v=None) -> str:
+  """Mosaic on TPU and for TPU interpret mode (pltpu.InterpretParams); on GPU the Hopper (Mosaic GPU) kernels
+  where the chip and inputs allow (hopper_kernel.supported), else Triton; Triton for plain interpret mode."""
   if jax.default_backend() == 'tpu' or isinstance(interpret, pltpu.InterpretParams):
     return MOSAIC
+  if not interpret and q is not None and hopper_kernel.supported(q, k, v):
+    return HOPPER
   return TRITON
 
 
@@ -48,11 +53,12 @@ class _Static:
   padded_v_dim: int
 
 
-@functools.partial(jax.jit, static_argnames=('causal', 'sm_scale', 'interpret', 'block_sizes'))
+@functools.partial(jax.jit, static_argnames=('causal', 'sm_scale', 'interpret', 'block_sizes', 'implementation'))
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = True,
                     segment_ids: jax.Array | None = None, sm_scale: float | None = None,
                     interpret: bool | pltpu.InterpretParams | None = None,
-                    block_sizes: BlockSizes | None = None) -> tuple[jax.Array, jax.Array]:
+                    block_sizes: BlockSizes | None = None,
+                    implementation: str | None = None) -> tuple[jax.Array, jax.Array]:
   """Softmax attention with per-head max logits, as fused Pallas kernels (forward and backward).
 
   Same function as `flash_attention_reference` (pallas_kernels/flash_attention/reference.py).
@@ -68,6 +74,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = Tru
       kernels on CPU; True interprets the Triton kernels; a `pltpu.InterpretParams()` runs the Mosaic kernels in
       TPU interpret mode.
     block_sizes: tiles; None takes the backend's defaults. Either way they are capped to the sequence lengths.
+    implementation: None picks the kernels as above; 'hopper', 'triton' or 'mosaic' forces them (benchmarks).
 
   Returns:
     out [B, T, H, V] in v's dtype, and max_logits [B, H] float32: the largest sm_scale * q.k over valid pairs
@@ -88,13 +95,16 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = Tru
     sm_scale = qk_dim ** -0.5
   if sm_scale <= 0:
     raise ValueError(f'sm_scale must be positive, got {sm_scale}')
-  backend = kernel_backend(interpret)
+  backend = implementation or kernel_backend(interpret, q, k, v)
+  if backend not in _KERNELS:
+    raise ValueError(f'implementation must be one of {sorted(_KERNELS)} or None, got {implementation!r}')
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
   blocks = block_sizes or BlockSizes.for_backend(backend, q_len, kv_len, qk_dim, v.shape[-1], q.dtype.itemsize)
   blocks = blocks.fit(backend, q_len, kv_len)
   padded_q_len, padded_kv_len = blocks.padded_lengths(q_len, kv_len)
-  head_multiple = 16 if backend == TRITON else 1  # Triton dots need sides of 16 or more
+  # Triton dots need sides of 16 or more; wgmma tiles on Hopper are 64 wide.
+  head_multiple = {TRITON: 16, HOPPER: hopper_kernel.head_dim_multiple()}.get(backend, 1)
   round_up = lambda dim: -(-dim // head_multiple) * head_multiple
   static = _Static(
       backend=backend, interpret=interpret, blocks=blocks,
