@@ -4,12 +4,13 @@
 
 Writes its BENCHMARKS.md section (between the bench_attention markers) to --out. One run, on the GPU (bf16,
 causal, MHA as in K2's MLA):
-  1. a sweep of tile sizes on one shape per head layout (forward tiles by forward time, backward tiles by
-     forward+backward time), whose winners are used below;
+  1. a sweep of the Hopper kernels' tiles on one shape per head layout (by forward+backward time), whose winners
+     are used below;
   2. correctness: ours against the float32 reference (pallas_kernels/flash_attention/reference.py) on a small
      problem with packed documents and grouped heads, output, max logits and q/k/v gradients, both head layouts;
   3. the table (rows stop starting after --budget_s seconds): forward and forward+backward per shape, for
-       ours        pallas_kernels.flash_attention (returns out and max_logits)
+       ours        pallas_kernels.flash_attention (returns out and max_logits): its Hopper kernels (Mosaic GPU)
+       Triton      the same op forced onto its Pallas Triton kernels (the previous GPU path)
        cuDNN       cuDNN flash attention, no max logits (MLA head dims through jax's cuDNN call when it accepts
                    qk != v; else jax.nn.dot_product_attention(implementation='cudnn') with v zero-padded to qk)
        cuDNN+max   cuDNN plus the max logits as a separate XLA pass (q.k^T in float32, causal mask, max)
@@ -48,11 +49,10 @@ SHAPES = [(8, 2048, 64), (4, 4096, 32), (2, 8192, 8)]
 LAYOUTS = [(192, 128), (128, 128)]  # (qk head dim, v head dim): MLA's 128 nope + 64 rope / 128 v, and plain
 SWEEP_SHAPE = (4, 4096, 32)
 CHECK_LEN = 1024  # correctness check: B=2, T=CHECK_LEN, 4 query heads on 2 key heads
-FORWARD_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]  # block_q, block_k, warps, stages
-# Backward: (dK/dV tiles, dQ tiles), each as (block_q, block_k, warps, stages).
-BACKWARD_TILES = [((64, 64, 4, 2), (128, 64, 8, 2)), ((64, 64, 8, 2), (128, 64, 8, 2)),
-                  ((64, 128, 8, 2), (128, 64, 8, 2)), ((64, 64, 4, 2), (64, 64, 4, 2))]
+# Hopper tiles swept: (forward keys per step, ring slots); the programs' own sides are fixed at 128 rows.
+HOPPER_TILES = [(64, 2), (64, 3), (128, 2)]
 
+NAMES = ('ours', 'triton', 'cudnn', 'cudnn+max', 'xla')  # the candidates, in table order
 _lines: list[str] = []
 
 
@@ -160,39 +160,25 @@ def check_correctness(blocks_by_layout):
 
 
 def sweep(qk_dim, v_dim):
-  """Best forward tiles by forward time, then best backward tiles by forward+backward time."""
+  """The Hopper tiles with the best forward+backward time (a tile that does not fit shared memory is skipped)."""
   batch, seq, heads = SWEEP_SHAPE
   q, k, v, d_out = inputs(batch, seq, heads, qk_dim, v_dim)
   results = []
-  best_forward, best_ms = BlockSizes.for_backend('triton', seq, seq, qk_dim, v_dim), float('inf')
-  for block_q, block_k, warps, stages in FORWARD_TILES:
-    blocks = dataclasses.replace(BlockSizes(), block_q=block_q, block_k=block_k, num_warps=warps, num_stages=stages)
+  best, best_ms = BlockSizes.for_backend('hopper', seq, seq, qk_dim, v_dim), float('inf')
+  for block_k, slots in HOPPER_TILES:
+    blocks = dataclasses.replace(BlockSizes.for_backend('hopper', seq, seq, qk_dim, v_dim), block_k=block_k,
+                                 num_stages=slots)
+    attention = lambda q, k, v, b=blocks: flash_attention(q, k, v, block_sizes=b, implementation='hopper')
     try:
-      ms = time_ms(jax.jit(lambda q, k, v, b=blocks: flash_attention(q, k, v, block_sizes=b)), q, k, v,
-                   iters=_ITERS.value)
+      forward_ms = time_ms(jax.jit(attention), q, k, v, iters=_ITERS.value)
+      total_ms = time_ms(forward_and_backward(attention), q, k, v, d_out, iters=_ITERS.value)
     except Exception as error:  # noqa: BLE001
-      log('  forward', (block_q, block_k, warps, stages), 'failed:', str(error).splitlines()[0][:200])
+      log('  tiles', (block_k, slots), 'failed:', str(error).splitlines()[0][:200])
       continue
-    results.append(('forward', (block_q, block_k, warps, stages), ms))
-    log(f'  forward tiles {(block_q, block_k, warps, stages)}: {ms:.3f} ms')
-    if ms < best_ms:
-      best_forward, best_ms = blocks, ms
-  best, best_ms = best_forward, float('inf')
-  for dkv, dq in BACKWARD_TILES:
-    blocks = dataclasses.replace(best_forward, block_q_dkv=dkv[0], block_k_dkv=dkv[1], num_warps_dkv=dkv[2],
-                                 num_stages_dkv=dkv[3], block_q_dq=dq[0], block_k_dq=dq[1], num_warps_dq=dq[2],
-                                 num_stages_dq=dq[3])
-    label = f'dkv {dkv} dq {dq}'
-    try:
-      ms = time_ms(forward_and_backward(lambda q, k, v, b=blocks: flash_attention(q, k, v, block_sizes=b)),
-                   q, k, v, d_out, iters=_ITERS.value)
-    except Exception as error:  # noqa: BLE001
-      log('  backward', label, 'failed:', str(error).splitlines()[0][:200])
-      continue
-    results.append(('forward+backward', label, ms))
-    log(f'  backward tiles {label}: {ms:.3f} ms fwd+bwd')
-    if ms < best_ms:
-      best, best_ms = blocks, ms
+    results.append((describe(blocks), forward_ms, total_ms))
+    log(f'  {describe(blocks)}: {forward_ms:.3f} ms fwd, {total_ms:.3f} ms fwd+bwd')
+    if total_ms < best_ms:
+      best, best_ms = blocks, total_ms
   return best, results
 
 
@@ -203,6 +189,7 @@ def bench_row(batch, seq, heads, qk_dim, v_dim, blocks):
   cudnn, cudnn_label = cudnn_attention(qk_dim, v_dim, scale)
   candidates = {
       'ours': lambda q, k, v: flash_attention(q, k, v, causal=True, sm_scale=scale, block_sizes=blocks),
+      'triton': lambda q, k, v: flash_attention(q, k, v, causal=True, sm_scale=scale, implementation='triton'),
       'cudnn': cudnn,
       'cudnn+max': lambda q, k, v: (cudnn(q, k, v), max_logit_pass(q, k, scale)),
       'xla': lambda q, k, v: flash_attention_reference(q, k, v, causal=True, sm_scale=scale),
@@ -244,28 +231,27 @@ def bench_row(batch, seq, heads, qk_dim, v_dim, blocks):
 
 def describe(blocks: BlockSizes) -> str:
   b = blocks
-  return (f'fwd {b.block_q}x{b.block_k} w{b.num_warps} s{b.num_stages}; '
-          f'dK/dV {b.block_q_dkv}x{b.block_k_dkv} w{b.num_warps_dkv} s{b.num_stages_dkv}; '
-          f'dQ {b.block_q_dq}x{b.block_k_dq} w{b.num_warps_dq} s{b.num_stages_dq}')
+  return (f'fwd {b.block_q}x{b.block_k}; dK/dV {b.block_q_dkv}x{b.block_k_dkv}; dQ {b.block_q_dq}x{b.block_k_dq}; '
+          f'{b.num_stages}-slot ring')
 
 
 def main(argv):
   del argv
   start = time.time()
   if _SMOKE.value:
-    global SHAPES, SWEEP_SHAPE, FORWARD_TILES, BACKWARD_TILES, CHECK_LEN
+    global SHAPES, SWEEP_SHAPE, CHECK_LEN
     SHAPES, SWEEP_SHAPE, CHECK_LEN = [(1, 128, 2)], (1, 128, 2), 256
-    FORWARD_TILES, BACKWARD_TILES = FORWARD_TILES[:1], BACKWARD_TILES[:1] + BACKWARD_TILES[-1:]
   device = jax.devices()[0]
   log(f'{device.device_kind}, jax {jax.__version__}')
   blocks_by_layout, sweeps = {}, {}
   for layout in LAYOUTS:
-    if _SWEEP.value:
+    if _SWEEP.value and jax.default_backend() == 'gpu':
       log(f'sweep qk {layout[0]} / v {layout[1]} on {SWEEP_SHAPE}')
       blocks_by_layout[layout], sweeps[layout] = sweep(*layout)
     else:
-      blocks_by_layout[layout], sweeps[layout] = BlockSizes.for_backend('triton', 1 << 20, 1 << 20, *layout), []
-    log('  chosen:', describe(blocks_by_layout[layout]))
+      blocks_by_layout[layout], sweeps[layout] = None, []  # the op's defaults
+    if blocks_by_layout[layout] is not None:
+      log('  chosen:', describe(blocks_by_layout[layout]))
   correctness = check_correctness(blocks_by_layout)
 
   rows = []
@@ -298,43 +284,47 @@ def write_report(device, rows, correctness, blocks_by_layout, sweeps, seconds):
       f'## Flash attention with max logits ({datetime.date.today()}, {device.device_kind}, jax {jax.__version__})',
       '',
       'Causal bf16 MHA, 16k tokens per call; TFLOP/s of useful work (causal pairs only; forward 2P(K+V), '
-      'backward 2P(3K+2V)). "ours" returns out and the per-head max logits; "cuDNN" returns out only; '
-      '"cuDNN+max" adds the max logits as a separate XLA pass; "XLA" is the materializing jnp reference. '
-      'Ratios are time(other) / time(ours), so > 1 means ours is faster. Median of '
-      f'{_ITERS.value} calls. Produced by `python -m experiments.bench_attention`.',
+      'backward 2P(3K+2V)). "ours" is `pallas_kernels.flash_attention` on its Hopper (Mosaic GPU) kernels and '
+      'returns out and the per-head max logits; "Triton" is the same op on its Pallas Triton kernels; "cuDNN" '
+      'returns out only; "cuDNN+max" adds the max logits as a separate XLA pass (float32 q.k^T, causal mask, '
+      'max); "XLA" is the materializing jnp reference (the model without the kernel). Ratios are time(other) / '
+      f'time(ours), so > 1 means ours is faster. Median of {_ITERS.value} calls. Produced by '
+      '`python -m experiments.bench_attention`.',
       '',
-      '| B x T x H | qk / v | ours fwd | ours fwd+bwd | cuDNN fwd | cuDNN fwd+bwd | cuDNN+max fwd | '
-      'cuDNN+max fwd+bwd | XLA fwd | XLA fwd+bwd | fwd+bwd vs cuDNN | vs cuDNN+max | vs XLA |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|---|',
+      '| B x T x H | qk / v | ours fwd | ours fwd+bwd | Triton fwd | Triton fwd+bwd | cuDNN fwd | cuDNN fwd+bwd | '
+      'cuDNN+max fwd | cuDNN+max fwd+bwd | XLA fwd | XLA fwd+bwd | fwd+bwd vs cuDNN | vs cuDNN+max | vs Triton | '
+      'vs XLA |',
+      '|---|---|' + '---|' * 14,
   ]
   for row in rows:
     batch, seq, heads, qk_dim, v_dim = row['shape']
-    cells = [fmt(tf(row, n, m)) for n in ('ours', 'cudnn', 'cudnn+max', 'xla') for m in ('fwd', 'fwd+bwd')]
-    ratios = [fmt(ratio(row, 'ours', other, 'fwd+bwd'), 2) for other in ('cudnn', 'cudnn+max', 'xla')]
+    cells = [fmt(tf(row, n, m)) for n in NAMES for m in ('fwd', 'fwd+bwd')]
+    ratios = [fmt(ratio(row, 'ours', other, 'fwd+bwd'), 2) for other in ('cudnn', 'cudnn+max', 'triton', 'xla')]
     lines.append(f'| {batch} x {seq} x {heads} | {qk_dim} / {v_dim} | ' + ' | '.join(cells + ratios) + ' |')
   lines += ['', 'Forward-only ratios (time(other) / time(ours)):', '',
-            '| B x T x H | qk / v | vs cuDNN | vs cuDNN+max | vs XLA | cuDNN call | ours vs cuDNN(+max): out, '
-            'max logit, grads |', '|---|---|---|---|---|---|---|']
+            '| B x T x H | qk / v | vs cuDNN | vs cuDNN+max | vs Triton | vs XLA | cuDNN call | ours vs '
+            'cuDNN(+max): out, max logit, grads |', '|---|---|---|---|---|---|---|---|']
   for row in rows:
     batch, seq, heads, qk_dim, v_dim = row['shape']
     agreement = row.get('agreement')
     agreement = ('-' if agreement is None else
                  f"{agreement['out']:.1e}, {agreement['max_logits']:.1e}, {agreement['grads']:.1e}")
     lines.append(f'| {batch} x {seq} x {heads} | {qk_dim} / {v_dim} | '
-                 + ' | '.join(fmt(ratio(row, 'ours', o, 'fwd'), 2) for o in ('cudnn', 'cudnn+max', 'xla'))
+                 + ' | '.join(fmt(ratio(row, 'ours', o, 'fwd'), 2) for o in ('cudnn', 'cudnn+max', 'triton', 'xla'))
                  + f" | {row['cudnn_label']} | {agreement} |")
   lines += ['', 'Milliseconds:', '', '| B x T x H | qk / v | ' + ' | '.join(
-      f'{n} {m}' for n in ('ours', 'cuDNN', 'cuDNN+max', 'XLA') for m in ('fwd', 'fwd+bwd')) + ' |',
-            '|---|---|' + '---|' * 8]
+      f'{n} {m}' for n in ('ours', 'Triton', 'cuDNN', 'cuDNN+max', 'XLA') for m in ('fwd', 'fwd+bwd')) + ' |',
+            '|---|---|' + '---|' * 10]
   for row in rows:
     batch, seq, heads, qk_dim, v_dim = row['shape']
     lines.append(f'| {batch} x {seq} x {heads} | {qk_dim} / {v_dim} | ' + ' | '.join(
-        fmt(row.get((n, m)), 3) for n in ('ours', 'cudnn', 'cudnn+max', 'xla') for m in ('fwd', 'fwd+bwd')) + ' |')
-  lines += ['', 'Tiles (chosen by the sweep on B x T x H = ' + ' x '.join(map(str, SWEEP_SHAPE)) + '):', '']
+        fmt(row.get((n, m)), 3) for n in NAMES for m in ('fwd', 'fwd+bwd')) + ' |')
+  lines += ['', 'Hopper tiles (chosen by forward+backward time on B x T x H = '
+            + ' x '.join(map(str, SWEEP_SHAPE)) + '):', '']
   for layout, blocks in blocks_by_layout.items():
-    lines.append(f'- qk {layout[0]} / v {layout[1]}: {describe(blocks)}')
-    for kind, tiles, ms in sweeps[layout]:
-      lines.append(f'  - {kind} {tiles}: {ms:.3f} ms')
+    lines.append(f'- qk {layout[0]} / v {layout[1]}: ' + ('defaults' if blocks is None else describe(blocks)))
+    for tiles, forward_ms, total_ms in sweeps[layout]:
+      lines.append(f'  - {tiles}: {forward_ms:.3f} ms fwd, {total_ms:.3f} ms fwd+bwd')
   lines += ['', 'Correctness in the same run (ours vs the float32 reference, packed documents, 4 query heads per '
             f'2 key heads, B=2 T={CHECK_LEN}; relative error, max logit absolute error):', '']
   for qk_dim, v_dim, errors, ok in correctness:

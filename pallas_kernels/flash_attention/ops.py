@@ -70,8 +70,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = Tru
     causal: query t sees key s iff s <= t + S - T.
     segment_ids: [B, T] int32 packed-document ids (the same ids for the keys; needs T == S), or None.
     sm_scale: logit scale; None means 1/sqrt(K).
-    interpret: None compiles for the default backend (Triton on GPU, Mosaic on TPU) and interprets the Triton
-      kernels on CPU; True interprets the Triton kernels; a `pltpu.InterpretParams()` runs the Mosaic kernels in
+    interpret: None compiles for the default backend (on GPU the Hopper kernels where `hopper_kernel.supported`,
+      else Triton; Mosaic on TPU) and interprets the Triton kernels on CPU; True interprets the Triton kernels; a `pltpu.InterpretParams()` runs the Mosaic kernels in
       TPU interpret mode.
     block_sizes: tiles; None takes the backend's defaults. Either way they are capped to the sequence lengths.
     implementation: None picks the kernels as above; 'hopper', 'triton' or 'mosaic' forces them (benchmarks).
