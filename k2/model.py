@@ -93,7 +93,9 @@ class Transformer(nnx.Module):
     dtype = jnp.dtype(self.config.dtype)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+    # Gather the table over fsdp first (ZeRO-3 style), so the lookup comes out split like the tokens.
+    table = sharding.constrain(self.embed[...], ('vocab', None))
+    x = jnp.take(table, tokens, axis=0).astype(dtype)
     x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
     max_logits, expert_loads, balance_loss = [], [], jnp.zeros((), jnp.float32)
     dropped_tokens = jnp.zeros((), jnp.int32)

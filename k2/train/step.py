@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from k2 import model as model_lib
+from k2 import sharding
 from k2.config import ModelConfig
 from k2.optim import qk_clip
 from k2.optim.qk_clip import head_scales
@@ -76,7 +77,11 @@ def _gradients(state: TrainState, batch, setup: StepSetup):
   if accum == 1:
     (_, (loss, aux)), grads = grad_fn(state.params, state.buffers, setup.graphdef, batch)
     return loss, grads, aux
-  micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+  # Micro-batch i is rows i, i + accum, i + 2 accum, ...: a device's contiguous block of a batch sharded over rows
+  # holds an equal share of every micro-batch, so splitting moves no data between devices.
+  micro = jax.tree.map(lambda x: sharding.constrain(
+      x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1),
+      (None, 'batch') + (None,) * (x.ndim - 1)), batch)
 
   def one(carry, micro_batch):
     (_, (loss, aux)), grads = grad_fn(state.params, state.buffers, setup.graphdef, micro_batch)
