@@ -56,7 +56,11 @@ def test_tiles_and_padding():
 def test_backend_choice_on_this_machine():
   q = jnp.zeros((1, 128, 2, 192), jnp.bfloat16)
   v = jnp.zeros((1, 128, 2, 128), jnp.bfloat16)
-  assert not hopper_kernel.supported(q, q, v)  # not a GPU here
-  assert ops.kernel_backend(None, q, q, v) == 'triton'
+  device = jax.devices()[0]
+  hopper = jax.default_backend() == 'gpu' and str(getattr(device, 'compute_capability', '')).startswith('9')
+  assert hopper_kernel.supported(q, q, v) == hopper
+  assert ops.kernel_backend(None, q, q, v) == ('hopper' if hopper else 'triton')
+  assert ops.kernel_backend(True, q, q, v) == 'triton'  # interpret mode
+  assert not hopper_kernel.supported(q.astype(jnp.float32), q.astype(jnp.float32), v.astype(jnp.float32))
   with pytest.raises(ValueError, match='implementation must be one of'):
     flash_attention(q, q, v, implementation='cudnn')
