@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 from jax import lax
@@ -114,6 +115,32 @@ def _range(range_ref, batch, block):
   return range_ref[batch, block, 0], range_ref[batch, block, 1], range_ref[batch, block, 2]
 
 
+class _Dims(NamedTuple):
+  batch: int
+  q_len: int
+  num_heads: int
+  qk_dim: int
+  kv_len: int
+  num_kv_heads: int
+  v_dim: int
+  group: int  # query heads per key head
+
+
+def _dims(q, k, v) -> _Dims:
+  batch, q_len, num_heads, qk_dim = q.shape
+  return _Dims(batch, q_len, num_heads, qk_dim, k.shape[1], k.shape[2], v.shape[-1], num_heads // k.shape[2])
+
+
+def _with_ids(body, segmented: bool, position: int):
+  """The kernel entry for `body(*refs[:position], q_ids_ref, kv_ids_ref, *rest)`: the id refs are operands only
+  when `segmented`; otherwise body gets None for them."""
+  def entry(*refs):
+    if segmented:
+      return body(*refs)
+    return body(*refs[:position], None, None, *refs[position:])
+  return entry
+
+
 def _stack_ranges(ranges):
   """(lo, mid, hi), each [B, N] -> [B, N, 3] int32 (one scalar-readable table)."""
   return jnp.stack(ranges, axis=-1).astype(jnp.int32)
@@ -125,9 +152,7 @@ def _stack_ranges(ranges):
 def forward(q, k, v, q_ids, kv_ids, by_query, *, problem, blocks: BlockSizes, interpret):
   """Padded inputs -> out [B, T, H, V], lse [B, H, T] (base 2), row_max [B, H, T] (scaled logits)."""
   del interpret  # compiled only
-  batch, q_len, num_heads, qk_dim = q.shape
-  kv_len, num_kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
-  group = num_heads // num_kv_heads
+  batch, q_len, num_heads, qk_dim, _, _, v_dim, group = _dims(q, k, v)
   block_k, slots = blocks.block_k, blocks.num_stages
   assert blocks.block_q == WARPGROUPS * ROWS, blocks
   num_q_blocks = q_len // blocks.block_q
@@ -245,12 +270,7 @@ def forward(q, k, v, q_ids, kv_ids, by_query, *, problem, blocks: BlockSizes, in
       def _(j):
         load(j, lax.rem(j - lo, slots), True)
 
-  def entry(q_ref, k_ref, v_ref, *refs):
-    if segmented:
-      q_ids_ref, kv_ids_ref, range_ref, *outs = refs
-    else:
-      q_ids_ref = kv_ids_ref = None
-      range_ref, *outs = refs
+  def entry(q_ref, k_ref, v_ref, q_ids_ref, kv_ids_ref, range_ref, *outs):
     buffers = (_smem((WARPGROUPS, ROWS, qk_dim), dtype), _smem((WARPGROUPS, ROWS, v_dim), dtype),
                _smem((slots, block_k, qk_dim), dtype), _smem((slots, block_k, v_dim), dtype),
                plgpu.SMEM((WARPGROUPS, ROWS), jnp.int32) if segmented else None,
@@ -265,7 +285,7 @@ def forward(q, k, v, q_ids, kv_ids, by_query, *, problem, blocks: BlockSizes, in
   operands = [q, k, v] + ([q_ids, kv_ids] if segmented else []) + [_stack_ranges(by_query)]
   rows_type = jax.ShapeDtypeStruct((batch, num_heads, q_len), jnp.float32)
   return plgpu.kernel(
-      entry,
+      _with_ids(entry, segmented, 3),
       out_type=[jax.ShapeDtypeStruct((batch, q_len, num_heads, v_dim), dtype), rows_type, rows_type],
       grid=(num_heads, num_q_blocks, batch),
       grid_names=('heads', 'q_blocks', 'batch'),
@@ -323,9 +343,7 @@ def _load_own(copies, buffers, barriers, wg):
 
 def _dkv(q, k, v, q_ids, kv_ids, lse, delta, d_out, by_key, *, problem, blocks: BlockSizes):
   """dK, dV per query head ([B, S, H, K/V]): each compute warpgroup owns 64 keys; query blocks are streamed."""
-  batch, q_len, num_heads, qk_dim = q.shape
-  kv_len, num_kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
-  group = num_heads // num_kv_heads
+  batch, _, num_heads, qk_dim, kv_len, _, v_dim, group = _dims(q, k, v)
   block_q, slots = blocks.block_q_dkv, blocks.num_stages
   assert blocks.block_k_dkv == WARPGROUPS * ROWS, blocks
   num_k_blocks = kv_len // blocks.block_k_dkv
@@ -413,13 +431,6 @@ def _dkv(q, k, v, q_ids, kv_ids, lse, delta, d_out, by_key, *, problem, blocks: 
         sources.append((q_ids_ref, lambda r, i: r.at[b, rows(i)]))
       _stream(sources, ring, ring_ready, free, lo, hi, slots)
 
-  def entry_body(*refs):
-    refs = list(refs)
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = refs[:6]
-    rest = refs[6:]
-    q_ids_ref, kv_ids_ref = (rest.pop(0), rest.pop(0)) if segmented else (None, None)
-    return body(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_ids_ref, kv_ids_ref, *rest)
-
   own = (_smem((WARPGROUPS, ROWS, qk_dim), dtype), _smem((WARPGROUPS, ROWS, v_dim), dtype),
          plgpu.SMEM((WARPGROUPS, ROWS), jnp.int32) if segmented else None)
   ring = (_smem((slots, block_q, qk_dim), dtype), _smem((slots, block_q, v_dim), dtype),
@@ -428,15 +439,14 @@ def _dkv(q, k, v, q_ids, kv_ids, lse, delta, d_out, by_key, *, problem, blocks: 
   operands = [q, k, v, d_out, lse, delta] + ([q_ids, kv_ids] if segmented else []) + [_stack_ranges(by_key)]
   out_type = [jax.ShapeDtypeStruct((batch, kv_len, num_heads, qk_dim), dtype),
               jax.ShapeDtypeStruct((batch, kv_len, num_heads, v_dim), dtype)]
-  return _backward_call(entry_body, own, ring, operands, out_type, grid=(num_heads, num_k_blocks, batch),
+  return _backward_call(_with_ids(body, segmented, 6), own, ring, operands, out_type,
+                        grid=(num_heads, num_k_blocks, batch),
                         grid_names=('heads', 'k_blocks', 'batch'), slots=slots)
 
 
 def _dq(q, k, v, q_ids, kv_ids, lse, delta, d_out, by_query, *, problem, blocks: BlockSizes):
   """dQ: each compute warpgroup owns 64 queries; key blocks are streamed."""
-  batch, q_len, num_heads, qk_dim = q.shape
-  kv_len, num_kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
-  group = num_heads // num_kv_heads
+  batch, q_len, num_heads, qk_dim, _, _, v_dim, group = _dims(q, k, v)
   block_k, slots = blocks.block_k_dq, blocks.num_stages
   assert blocks.block_q_dq == WARPGROUPS * ROWS, blocks
   num_q_blocks = q_len // blocks.block_q_dq
@@ -507,19 +517,13 @@ def _dq(q, k, v, q_ids, kv_ids, lse, delta, d_out, by_query, *, problem, blocks:
         sources.append((kv_ids_ref, lambda r, j: r.at[b, keys(j)]))
       _stream(sources, ring, ring_ready, free, lo, hi, slots)
 
-  def entry_body(*refs):
-    refs = list(refs)
-    fixed, rest = refs[:6], refs[6:]
-    ids = (rest.pop(0), rest.pop(0)) if segmented else (None, None)
-    return body(*fixed, *ids, *rest)
-
   own = (_smem((WARPGROUPS, ROWS, qk_dim), dtype), _smem((WARPGROUPS, ROWS, v_dim), dtype),
          plgpu.SMEM((WARPGROUPS, ROWS), jnp.float32), plgpu.SMEM((WARPGROUPS, ROWS), jnp.float32),
          plgpu.SMEM((WARPGROUPS, ROWS), jnp.int32) if segmented else None)
   ring = (_smem((slots, block_k, qk_dim), dtype), _smem((slots, block_k, v_dim), dtype),
           plgpu.SMEM((slots, block_k), jnp.int32) if segmented else None)
   operands = [q, k, v, d_out, lse, delta] + ([q_ids, kv_ids] if segmented else []) + [_stack_ranges(by_query)]
-  return _backward_call(entry_body, own, ring, operands, jax.ShapeDtypeStruct(q.shape, dtype),
+  return _backward_call(_with_ids(body, segmented, 6), own, ring, operands, jax.ShapeDtypeStruct(q.shape, dtype),
                         grid=(num_heads, num_q_blocks, batch), grid_names=('heads', 'q_blocks', 'batch'),
                         slots=slots)
 
