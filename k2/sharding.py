@@ -33,8 +33,8 @@ DEFAULT_RULES: dict[str, tuple[str, ...]] = {
     'heads': ('tensor',),
     'mlp': ('tensor',),
     'expert': ('expert',),
-    'q_lora': (),
-    'kv_lora': (),
+    'q_lora': ('fsdp',),  # q_b_proj / kv_b_proj: their heads go to 'tensor', their latent side to fsdp
+    'kv_lora': ('fsdp',),
     'head_dim': (),
     'norm': (),
     # activations

@@ -20,8 +20,10 @@ TINY_EMBED_SPLIT = (2 * 4096 * 128                            # embed, lm_head
                     + 4 * (128 * 64 + 128 * 48 + 4 * 32 * 128)  # q_a_proj, kv_a_proj, o_proj per layer
                     + 3 * 128 * 384                             # dense gate, up, down
                     + 3 * (128 * 8 + 3 * 8 * 128 * 96 + 3 * 128 * 96))  # router, expert stacks, shared expert
-# ... and the rest, split by no fsdp/expert axis: q_b_proj, kv_b_proj and the norms (q, kv, attn, ffn; final).
-TINY_UNSPLIT = 4 * (64 * 4 * 48 + 32 * 4 * 64 + 64 + 32 + 128 + 128) + 128
+# ... q_b_proj and kv_b_proj, split over fsdp on their latent side ('q_lora' 64, 'kv_lora' 32):
+TINY_LORA_SPLIT = 4 * (64 * 4 * 48 + 32 * 4 * 64)
+# ... and the rest, split by no fsdp/expert axis: the norms (q, kv, attn, ffn; final).
+TINY_UNSPLIT = 4 * (64 + 32 + 128 + 128) + 128
 TINY_EXPERTS = 3 * 3 * 8 * 128 * 96  # the routed expert stacks, split over 'expert'
 TINY_ADAMW = 2 * 4096 * 128 + 4 * (64 + 32 + 128 + 128) + 128  # embed, lm_head, norm scales: two Adam moments
 
@@ -32,7 +34,7 @@ def tiny_plan(mesh, **kwargs):
 
 
 def test_hand_counts_add_up_to_the_model():
-  assert TINY_EMBED_SPLIT + TINY_UNSPLIT == 2_400_768
+  assert TINY_EMBED_SPLIT + TINY_LORA_SPLIT + TINY_UNSPLIT == 2_400_768
   unsharded = tiny_plan({})['unsharded']
   assert unsharded['params'] == 4 * 2_400_768
   # Muon keeps one momentum buffer per matrix, AdamW two moments for embeddings, head and norms (float32).
@@ -42,7 +44,7 @@ def test_hand_counts_add_up_to_the_model():
 @pytest.mark.parametrize('fsdp', [1, 2, 4, 8])
 def test_parameter_bytes_fall_as_one_over_fsdp(fsdp):
   per_chip = tiny_plan({'fsdp': fsdp})['per_chip']
-  assert per_chip['params'] == 4 * (TINY_EMBED_SPLIT // fsdp + TINY_UNSPLIT)
+  assert per_chip['params'] == 4 * ((TINY_EMBED_SPLIT + TINY_LORA_SPLIT) // fsdp + TINY_UNSPLIT)
   assert per_chip['grads'] == per_chip['params']  # gradients are sharded like the parameters
 
 
@@ -53,12 +55,13 @@ def test_parameter_bytes_fall_as_one_over_expert(expert):
 
 
 def test_k2_small_shards_by_hand_on_fsdp_x_expert():
-  # (copies, shape, shards) for {'fsdp': 4, 'expert': 8}: 'embed' (1024) / 4, expert stacks (64) / 8 more.
+  # (copies, shape, shards) for {'fsdp': 4, 'expert': 8}: 'embed' (1024) and the q/kv latent sides (384, 128) / 4,
+  # expert stacks (64) / 8 more.
   v, d, layers, moe_layers, heads = 163840, 1024, 12, 11, 16
   families = [
       (2, (v, d), 4), (1, (d,), 1),                                   # embed + lm_head, final norm
-      (2 * layers, (d,), 1), (layers, (d, 384), 4), (layers, (384,), 1), (layers, (384, heads, 96), 1),
-      (layers, (d, 160), 4), (layers, (128,), 1), (layers, (128, heads, 128), 1), (layers, (heads, 64, d), 4),
+      (2 * layers, (d,), 1), (layers, (d, 384), 4), (layers, (384,), 1), (layers, (384, heads, 96), 4),
+      (layers, (d, 160), 4), (layers, (128,), 1), (layers, (128, heads, 128), 4), (layers, (heads, 64, d), 4),
       (3, (d, 2816), 4),                                              # the dense layer's gate, up, down
       (moe_layers, (d, 64), 4), (3 * moe_layers, (64, d, 512), 32), (3 * moe_layers, (d, 512), 4),
   ]
@@ -76,8 +79,8 @@ def test_bfloat16_params_halve_params_grads_and_optimizer_state():
 
 
 def test_totals_across_chips_equal_unsharded_when_nothing_is_replicated():
-  # Default rules leave norms and the q/kv up-projections unsplit by fsdp; these rules split every parameter.
-  rules = {**sharding.DEFAULT_RULES, 'norm': ('fsdp',), 'q_lora': ('fsdp',), 'kv_lora': ('fsdp',)}
+  # Default rules leave the norms unsplit by fsdp; these rules split every parameter.
+  rules = {**sharding.DEFAULT_RULES, 'norm': ('fsdp',)}
   result = tiny_plan({'fsdp': 8}, rules=rules)
   assert result['replicated'] == []
   for row in ('params', 'grads', 'opt_state'):
@@ -85,7 +88,9 @@ def test_totals_across_chips_equal_unsharded_when_nothing_is_replicated():
   # With the default rules, every chip holds its own copy of the unsplit parameters.
   default = tiny_plan({'fsdp': 8})
   assert default['all_chips']['params'] == default['unsharded']['params'] + 7 * 4 * TINY_UNSPLIT
-  assert {name for name, _ in default['replicated']} >= {'layers/*/attn/q_b_proj', 'layers/*/attn/kv_b_proj'}
+  assert {name for name, _ in default['replicated']} == {'layers/*/attn/q_a_norm/scale', 'layers/*/attn/kv_a_norm/scale',
+                                                         'layers/*/attn_norm/scale', 'layers/*/ffn_norm/scale',
+                                                         'final_norm/scale'}
 
 
 def test_gradient_accumulation_adds_a_float32_accumulator_and_divides_activations():
