@@ -35,6 +35,7 @@ from absl import app, flags
 from pallas_kernels.flash_attention import BlockSizes
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.flash_attention import flash_attention_reference
+from pallas_kernels.flash_attention import hopper_kernel
 
 _OUT = flags.DEFINE_string('out', 'BENCHMARKS_attention.md', 'Markdown file the results are written to.')
 _ITERS = flags.DEFINE_integer('iters', 10, 'Timed calls per candidate (median reported).')
@@ -245,7 +246,8 @@ def main(argv):
   log(f'{device.device_kind}, jax {jax.__version__}')
   blocks_by_layout, sweeps = {}, {}
   for layout in LAYOUTS:
-    if _SWEEP.value and jax.default_backend() == 'gpu':
+    q = jnp.zeros((1, 128, 1, layout[0]), jnp.bfloat16)
+    if _SWEEP.value and hopper_kernel.supported(q, q, q[..., :layout[1]]):  # the sweep is over Hopper tiles
       log(f'sweep qk {layout[0]} / v {layout[1]} on {SWEEP_SHAPE}')
       blocks_by_layout[layout], sweeps[layout] = sweep(*layout)
     else:

@@ -42,6 +42,7 @@ LOG2_E = math.log2(math.e)
 ROWS = 64  # rows per compute warpgroup: one wgmma's M
 WARPGROUPS = 2  # compute warpgroups per program
 MASKED = -1e30  # logit (in exp2 units) of a masked pair
+HEAD_DIM_MULTIPLE = 64  # wgmma tiles: the op pads head dims to this
 
 
 def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
@@ -54,10 +55,6 @@ def supported(q: jax.Array, k: jax.Array, v: jax.Array) -> bool:
   dtypes = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   same_dtype = q.dtype == k.dtype == v.dtype and q.dtype in dtypes
   return same_dtype and q.shape[-1] <= 256 and v.shape[-1] <= 256
-
-
-def head_dim_multiple() -> int:
-  return 64
 
 
 def _smem(shape, dtype):

@@ -104,7 +104,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = Tru
   blocks = blocks.fit(backend, q_len, kv_len)
   padded_q_len, padded_kv_len = blocks.padded_lengths(q_len, kv_len)
   # Triton dots need sides of 16 or more; wgmma tiles on Hopper are 64 wide.
-  head_multiple = {TRITON: 16, HOPPER: hopper_kernel.head_dim_multiple()}.get(backend, 1)
+  head_multiple = {TRITON: 16, HOPPER: hopper_kernel.HEAD_DIM_MULTIPLE}.get(backend, 1)
   round_up = lambda dim: -(-dim // head_multiple) * head_multiple
   static = _Static(
       backend=backend, interpret=interpret, blocks=blocks,
