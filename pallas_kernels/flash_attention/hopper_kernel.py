@@ -5,8 +5,8 @@ key; row_max in scaled logits, -inf likewise), with the FlashAttention-3 structu
 
   * every program (CTA) runs three warpgroups: two compute warpgroups of 64 rows each, and a memory warpgroup
     that streams the other side's tiles through a ring of `slots` shared-memory buffers with TMA copies. Each
-    ring slot has a `ready` barrier per buffer (the copy landed) and one `free` barrier (both compute
-    warpgroups are done with it);
+    ring slot has a `ready` barrier per buffer (the copy landed) and a `free` barrier (both compute
+    warpgroups are done with it; the forward frees K and V separately);
   * forward: grid (heads, query blocks of 128, batch), heaviest causal blocks first. The two compute warpgroups
     take turns on the tensor cores through a shared `turn` barrier (one's softmax overlaps the other's q.k^T and
     P.V), FA3's ping-pong schedule;
@@ -20,8 +20,8 @@ large finite negative (not -inf), so a row whose first tiles are all masked carr
 valid tile's correction factor exp2(MASKED - max) = 0 wipes out; a row that never sees a key ends with max ==
 MASKED and is written as empty.
 
-Needs: bfloat16/float16 inputs, head dims multiples of 64 (<= 256), sequence lengths padded to the tiles. On
-anything else the op uses the Triton kernels.
+Needs: bfloat16/float16 inputs and head dims up to 256 (the op pads them to multiples of 64 and the sequences to
+the tiles). On anything else the op uses the Triton kernels.
 """
 
 from __future__ import annotations
