@@ -174,3 +174,25 @@ def test_bad_expert_parallel_setups_are_one_line_errors():
   gates, expert_ids, _ = route(flat, moe.router[...], moe.router_bias[...], config)
   with pytest.raises(ConfigError, match='XLA:CPU lacks'):
     expert_parallel(flat, gates, expert_ids, moe.gate_proj[...], moe.up_proj[...], moe.down_proj[...], config, mesh)
+
+
+def test_dropless_path_lowers_for_gpu_with_ragged_all_to_all():
+  """XLA:CPU cannot run the real collective, but the dropless path (forward and gradients) lowers for CUDA: two
+  ragged_all_to_all per MoE layer forward (dispatch, combine) and two more in the backward (their transposes)."""
+  config = dataclasses.replace(CONFIG, ep_impl='ragged', num_shared_experts=0)
+  moe, x = make_moe(config), inputs(batch=8, seq_len=4)
+  flat = x.reshape(-1, config.hidden_size)
+  gates, expert_ids, _ = route(flat, moe.router[...], moe.router_bias[...], config)
+  mesh = sharding.make_mesh({'data': 2, 'expert': 4})
+  real_collective = lambda *args, **kwargs: jax.lax.ragged_all_to_all(*args, **kwargs)  # skips the CPU guard
+
+  def loss(gate, up, down, flat):
+    y, _ = expert_parallel(flat, gates, expert_ids, gate, up, down, config, mesh, ragged_all_to_all=real_collective)
+    return jnp.sum(y.astype(jnp.float32) ** 2)
+
+  weights = (moe.gate_proj[...], moe.up_proj[...], moe.down_proj[...])
+  forward = jax.jit(loss).trace(*weights, flat).lower(lowering_platforms=('cuda',)).as_text()
+  assert forward.count('ragged_all_to_all') == 2
+  backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*weights, flat).lower(
+      lowering_platforms=('cuda',)).as_text()
+  assert backward.count('ragged_all_to_all') == 4
