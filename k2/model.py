@@ -89,7 +89,20 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None):
-    """tokens, positions, segment_ids: [B, T] int32. Positions default to 0..T-1, one segment per row."""
+    """tokens, positions, segment_ids: [B, T] int32 -> (float32 logits [B, T, V], aux). Positions default to
+    0..T-1, one segment per row."""
+    x, aux = self.features(tokens, positions, segment_ids)
+    logits = output_logits(x, self.output_weights())
+    return sharding.constrain(logits, ('batch', 'seq', 'act_vocab')), aux
+
+  def output_weights(self) -> jax.Array:
+    """lm_head [D, V] in the compute dtype."""
+    return self.lm_head[...].astype(jnp.dtype(self.config.dtype))
+
+  def features(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None):
+    """The final-normed hidden states [B, T, D] (compute dtype) that the logits are taken from, and aux. A loss
+    can take the logits itself from these (`k2.train.step.chunked_next_token_loss`)."""
     dtype = jnp.dtype(self.config.dtype)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -108,8 +121,6 @@ class Transformer(nnx.Module):
         balance_loss = balance_loss + moe_aux.get('balance_loss', 0.0)
         dropped_tokens = dropped_tokens + moe_aux['dropped_tokens']
     x = self.final_norm(x)
-    logits = output_logits(x, self.lm_head[...].astype(dtype))
-    logits = sharding.constrain(logits, ('batch', 'seq', 'act_vocab'))
     num_experts = self.config.moe.num_experts
     aux = {
         'max_logits': jnp.stack(max_logits),
@@ -117,7 +128,7 @@ class Transformer(nnx.Module):
         'balance_loss': balance_loss,
         'dropped_tokens': dropped_tokens,
     }
-    return logits, aux
+    return x, aux
 
 
 def _call_layer(layer: DecoderLayer, x, positions, segment_ids):

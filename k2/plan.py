@@ -33,7 +33,9 @@ tokens of the micro-batch on one chip, sizes in elements per token of one layer,
              shared/dense gate, up and out) plus the layer input; grouped expert matmuls and attention are
              recomputed. 'full' keeps only each layer's input.
   With 'dots' or 'full' the backward pass rematerializes one layer at a time: add one layer's 'none' set.
-  Logits t x vocab (float32, 'act_vocab' -> tensor) and their gradient: 2 * t * V / tensor * 4 bytes.
+  Logits t x vocab (float32, 'act_vocab' -> tensor) and their gradient: 2 * t * V / tensor * 4 bytes; with a
+  chunked loss (`loss_chunk` positions at a time, k2.train.step.chunked_next_token_loss) one chunk of each,
+  2 * (t / seq * loss_chunk) * V / tensor * 4, plus the per-token log-sum-exp (4 t).
 Not counted: XLA temporaries and fragmentation, collective buffers beyond the gathered layer, expert-load
 imbalance (a hot expert receives more than k*t/experts tokens), the reference attention's T x T logits (CPU).
 Leave headroom accordingly; the compiled memory analysis of a real run is the ground truth.
@@ -65,6 +67,8 @@ _HBM_GIB = flags.DEFINE_float('hbm_gib', 95.0, 'Usable HBM per chip in GiB (TPU 
 _BATCH = flags.DEFINE_integer('batch', 16384, 'Global batch in rows per optimizer step (K2: 16384).')
 _SEQ = flags.DEFINE_integer('seq', 4096, 'Sequence length in tokens (K2: 4096).')
 _GRAD_ACCUM = flags.DEFINE_integer('grad_accum', 1, 'Micro-batches per step; activations are for one of them.')
+_LOSS_CHUNK = flags.DEFINE_integer('loss_chunk', None, 'Chunked loss: positions per chunk of the logits '
+                                   '(train.loss_chunk); default: all at once.')
 _REMAT = flags.DEFINE_enum('remat', None, ['none', 'full', 'dots'], 'Rematerialization; default: the config.')
 _PARAM_DTYPE = flags.DEFINE_enum('param_dtype', None, ['float32', 'bfloat16', 'float16'],
                                  'Parameter storage dtype; default: the config (float32).')
@@ -152,7 +156,7 @@ def layer_activations(config: ModelConfig, rows: int, seq: int, is_moe: bool) ->
   return terms
 
 
-def _activation_bytes(config, rows, seq, remat, axis_sizes, rules) -> dict[str, int]:
+def _activation_bytes(config, rows, seq, remat, axis_sizes, rules, loss_chunk=None) -> dict[str, int]:
   """Per-chip activation bytes of one micro-batch: {'saved', 'recompute', 'logits', 'total'}."""
   def layer_bytes(is_moe, policy):
     return sum(_shard_elements(shape, axes, axis_sizes, rules) * nbytes
@@ -161,12 +165,18 @@ def _activation_bytes(config, rows, seq, remat, axis_sizes, rules) -> dict[str, 
   kinds = {False: config.first_k_dense, True: config.num_moe_layers}
   saved = sum(count * layer_bytes(is_moe, remat) for is_moe, count in kinds.items())
   recompute = 0 if remat == 'none' else max(layer_bytes(is_moe, 'none') for is_moe, n in kinds.items() if n)
-  logits = 2 * 4 * _shard_elements((rows, seq, config.vocab_size), ('batch', 'seq', 'act_vocab'), axis_sizes, rules)
+  if loss_chunk is None:
+    logits = 2 * 4 * _shard_elements((rows, seq, config.vocab_size), ('batch', 'seq', 'act_vocab'), axis_sizes,
+                                     rules)
+  else:
+    logits = (2 * 4 * _shard_elements((rows, loss_chunk, config.vocab_size), ('batch', 'seq', 'act_vocab'),
+                                      axis_sizes, rules)
+              + 4 * _shard_elements((rows, seq), ('batch', 'seq'), axis_sizes, rules))
   return {'saved': saved, 'recompute': recompute, 'logits': logits, 'total': saved + recompute + logits}
 
 
 def plan(config: ModelConfig, axis_sizes: Mapping[str, int], *, batch: int, seq: int, remat: str | None = None,
-         hbm_gib: float, grad_accum: int = 1,
+         hbm_gib: float, grad_accum: int = 1, loss_chunk: int | None = None,
          rules: Mapping[str, Sequence[str]] = sharding.DEFAULT_RULES) -> dict:
   """Per-chip and all-chip bytes of training `config` on a mesh of `axis_sizes` (see the module docstring).
 
@@ -188,6 +198,8 @@ def plan(config: ModelConfig, axis_sizes: Mapping[str, int], *, batch: int, seq:
   for name, value in (('batch', batch), ('seq', seq), ('grad_accum', grad_accum)):
     if value < 1:
       raise ConfigError(f'{name} must be a positive integer, got {value}')
+  if loss_chunk is not None and (loss_chunk < 1 or seq % loss_chunk):
+    raise ConfigError(f'loss_chunk={loss_chunk} does not divide seq={seq}')
   if seq > config.rope.max_position_embeddings:
     raise ConfigError(f'seq={seq} exceeds the model max_position_embeddings={config.rope.max_position_embeddings}')
   if hbm_gib <= 0:
@@ -226,7 +238,7 @@ def plan(config: ModelConfig, axis_sizes: Mapping[str, int], *, batch: int, seq:
     gathered_by_layer[layer] = gathered_by_layer.get(layer, 0) + gathered * (act_bytes + nbytes)
   if any(sizes[a] > 1 for a in GATHERED_AXES):
     per_chip['gathered'] = max(gathered_by_layer.values())
-  activations = _activation_bytes(config, rows, seq, remat, sizes, rules)
+  activations = _activation_bytes(config, rows, seq, remat, sizes, rules, loss_chunk)
   per_chip['activations'] = activations['total']
   per_chip['total'] = sum(per_chip[row] for row in ROWS)
   hbm_bytes = int(hbm_gib * GIB)
@@ -297,7 +309,8 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def report(model_name: str, mesh_text: str, chips: int, *, hbm_gib: float, batch: int, seq: int,
-           grad_accum: int = 1, remat: str | None = None, param_dtype: str | None = None) -> str:
+           grad_accum: int = 1, remat: str | None = None, param_dtype: str | None = None,
+           loss_chunk: int | None = None) -> str:
   """The CLI's whole job: validate, plan, format. Bad input exits with one `error: ...` line."""
   try:
     config = get_config(model_name, **({'param_dtype': param_dtype} if param_dtype else {}))
@@ -305,7 +318,8 @@ def report(model_name: str, mesh_text: str, chips: int, *, hbm_gib: float, batch
     mesh_chips = math.prod(sharding.mesh_shape(mesh).values())
     if mesh_chips != chips:
       raise ConfigError(f'mesh {mesh} has {mesh_chips} chips but --chips {chips}')
-    result = plan(config, mesh, batch=batch, seq=seq, remat=remat, hbm_gib=hbm_gib, grad_accum=grad_accum)
+    result = plan(config, mesh, batch=batch, seq=seq, remat=remat, hbm_gib=hbm_gib, grad_accum=grad_accum,
+                  loss_chunk=loss_chunk)
   except ConfigError as e:
     sys.exit(f'error: {e}')
   return format_plan(result, model_name, config, batch, seq, grad_accum)
@@ -314,7 +328,8 @@ def report(model_name: str, mesh_text: str, chips: int, *, hbm_gib: float, batch
 def main(argv):
   del argv
   print(report(flags.FLAGS.model, _MESH.value, _CHIPS.value, hbm_gib=_HBM_GIB.value, batch=_BATCH.value, seq=_SEQ.value,
-               grad_accum=_GRAD_ACCUM.value, remat=_REMAT.value, param_dtype=_PARAM_DTYPE.value))
+               grad_accum=_GRAD_ACCUM.value, remat=_REMAT.value, param_dtype=_PARAM_DTYPE.value,
+               loss_chunk=_LOSS_CHUNK.value))
 
 
 if __name__ == '__main__':

@@ -111,8 +111,18 @@ def test_activation_estimate_follows_remat_policy():
   assert totals[0] > totals[1] > totals[2]
 
 
+def test_chunked_loss_keeps_one_chunk_of_logits_and_the_log_sum_exp():
+  whole = tiny_plan({'fsdp': 2, 'expert': 4}, remat='full')
+  chunked = tiny_plan({'fsdp': 2, 'expert': 4}, remat='full', loss_chunk=16)
+  # 256 tokens per chip = 4 rows x 64: one chunk is 4 x 16 tokens of logits and their gradient, plus 256 float32.
+  assert chunked['activation_parts']['logits'] == 2 * (4 * 16) * 4096 * 4 + 256 * 4
+  assert whole['per_chip']['total'] - chunked['per_chip']['total'] == (
+      whole['activation_parts']['logits'] - chunked['activation_parts']['logits'])
+
+
 @pytest.mark.parametrize('mesh, kwargs, message', [
     ({'fdsp': 2}, {}, "unknown mesh axes ['fdsp']"),
+    ({}, {'loss_chunk': 48}, 'loss_chunk=48 does not divide seq=64'),
     ({'expert': 3}, {}, 'num_experts=8 is not divisible by the expert axis (3)'),
     ({'fsdp': 8}, {'batch': 12}, 'batch=12 does not split into 1 micro-batches over 8 batch shards'),
     ({}, {'seq': 4096}, 'seq=4096 exceeds the model max_position_embeddings=1024'),

@@ -134,6 +134,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
     (["MESH = {'expert': 8}", 'model_config.num_experts = 12'], 'not divisible by the expert axis'),
     (["MESH = {'data': 8}"], 'does not split into 1 micro-batches over 8 batch shards'),
     (['SEQ_LEN = 4096'], 'exceeds the model max_position_embeddings'),
+    (['train.loss_chunk = 7'], 'does not divide SEQ_LEN'),
     (["documents.dataset = '/nonexistent/corpus/*.txt'"], 'no such file'),
     (["documents.dataset = 'tfds:no_such_dataset'"], 'cannot be read'),
 ])

@@ -67,6 +67,52 @@ def test_rematerialization_does_not_change_the_gradients(policy):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
+def test_chunked_loss_gives_the_same_loss_and_gradients():
+  data = jax.tree.map(jnp.asarray, batch(seq=32))
+  data['mask'] = data['mask'].at[:, ::3].set(0.0)  # masked positions must not contribute either
+  gradients = jax.jit(step_lib._gradients, static_argnums=2)
+  setup, state = setup_and_state(qk_clip_tau=None)
+  loss, grads, _ = gradients(state, data, setup)
+  setup, state = setup_and_state(qk_clip_tau=None, loss_chunk=8)
+  chunked_loss, chunked_grads, _ = gradients(state, data, setup)
+  assert float(loss) == pytest.approx(float(chunked_loss), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(chunked_grads)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
+
+
+def test_chunked_loss_in_bfloat16_rounds_where_the_full_logits_do():
+  """bf16: the chunked op's own outputs (the loss, lm_head's gradient, and the hidden states' gradient, seen in
+  the final norm's) match the full-logit path's; the layers below then differ only by how XLA compiles each
+  graph's bf16 backward (single-ulp roundings), so they are not compared. XLA's excess precision, which may skip
+  bf16 roundings inside a fusion, is off so both paths round where their code says."""
+  config = CONFIG.replace(dtype='bfloat16')
+  data = jax.tree.map(jnp.asarray, batch(seq=32))
+  data['mask'] = data['mask'].at[:, ::3].set(0.0)
+  gradients = jax.jit(step_lib._gradients, static_argnums=2,
+                      compiler_options={'xla_allow_excess_precision': False})
+  setup, state = setup_and_state(config, qk_clip_tau=None)
+  loss, grads, _ = gradients(state, data, setup)
+  setup, state = setup_and_state(config, qk_clip_tau=None, loss_chunk=8)
+  chunked_loss, chunked_grads, _ = gradients(state, data, setup)
+  assert float(loss) == pytest.approx(float(chunked_loss), rel=1e-6)
+  relative = lambda a, b: np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(a))
+  assert relative(grads['lm_head'][...], chunked_grads['lm_head'][...]) < 1e-4
+  assert relative(grads['final_norm']['scale'][...], chunked_grads['final_norm']['scale'][...]) < 1e-6
+
+
+def test_chunked_loss_keeps_one_chunk_of_logits():
+  """The compiled step's temporaries shrink with the chunk: the whole [rows, T, V] float32 logits are gone."""
+  config = get_config('k2_tiny', num_layers=1, first_k_dense=1)
+  data = jax.tree.map(jnp.asarray, batch(rows=8, seq=128))
+  temp = {}
+  for chunk in (None, 16):
+    setup, state = setup_and_state(config, qk_clip_tau=None, loss_chunk=chunk)
+    compiled = jax.jit(step_lib._gradients, static_argnums=2).lower(state, data, setup).compile()
+    temp[chunk] = compiled.memory_analysis().temp_size_in_bytes
+  whole_logits = 8 * 128 * config.vocab_size * 4
+  assert temp[None] - temp[16] > whole_logits  # logits and their gradient, less one chunk of each
+
+
 def test_qk_clip_rescales_the_updated_weights_by_this_steps_max_logits():
   from flax import nnx
   data = batch()

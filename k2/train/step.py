@@ -47,6 +47,7 @@ class StepSetup:
   qk_clip_tau: float | None = 100.0  # None: no QK-Clip (vanilla Muon / AdamW arms of ablations)
   bias_update_rate: float = 1e-3
   grad_accum_steps: int = 1
+  loss_chunk: int | None = None  # take the logits `loss_chunk` positions at a time (chunked_next_token_loss)
 
 
 def init_state(model: model_lib.Transformer, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef,
@@ -62,17 +63,84 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> t
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
-def _loss(params, buffers, graphdef, batch):
+def chunked_next_token_loss(x: jax.Array, lm_head: jax.Array, targets: jax.Array, mask: jax.Array,
+                            chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`next_token_loss` of the logits x @ lm_head, taken `chunk` positions of the sequence at a time.
+
+  Only one chunk's [B, chunk, V] float32 logits exist at once, forward and backward (the backward recomputes
+  them from x and the saved per-token log-sum-exp), instead of the whole [B, T, V] and its gradient: for K2's
+  163840-token vocabulary that is 20 GiB per chip at 16384 tokens per chip (WORKSPACE.md, plans). Same numerics as
+  `output_logits` + `next_token_loss`: float32 logits and softmax, the logits' gradient cast to x's dtype before
+  the two backward products. x [B, T, D], lm_head [D, V], targets/mask [B, T]; chunk divides T.
+  """
+  if x.shape[1] % chunk:
+    raise ValueError(f'loss_chunk {chunk} does not divide the sequence length {x.shape[1]}')
+  return _chunked_loss(x, lm_head, targets, mask, chunk), jnp.sum(mask)
+
+
+def _by_chunk(a: jax.Array, chunk: int) -> jax.Array:
+  """[B, T, ...] -> [T / chunk, B, chunk, ...]: scanned over the first axis, each slice split like the batch."""
+  return jnp.moveaxis(a.reshape(a.shape[0], a.shape[1] // chunk, chunk, *a.shape[2:]), 1, 0)
+
+
+def _chunk_logits(x, lm_head):
+  return jnp.einsum('BTD,DV->BTV', x, lm_head, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_loss(x, lm_head, targets, mask, chunk):
+  return _chunked_loss_fwd(x, lm_head, targets, mask, chunk)[0]
+
+
+def _chunked_loss_fwd(x, lm_head, targets, mask, chunk):
+  def one(total, xs):
+    x_c, targets_c, mask_c = xs
+    logits = _chunk_logits(x_c, lm_head)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets_c[..., None], axis=-1)[..., 0]
+    return total + jnp.sum((lse - target_logits) * mask_c), lse
+
+  total, lse = jax.lax.scan(one, jnp.zeros((), jnp.float32),
+                            (_by_chunk(x, chunk), _by_chunk(targets, chunk), _by_chunk(mask, chunk)))
+  return total, (x, lm_head, targets, mask, lse)
+
+
+def _chunked_loss_bwd(chunk, residuals, g):
+  x, lm_head, targets, mask, lse = residuals
+
+  def one(d_lm_head, xs):
+    x_c, targets_c, mask_c, lse_c = xs
+    probs = jnp.exp(_chunk_logits(x_c, lm_head) - lse_c[..., None])
+    d_logits = probs - jax.nn.one_hot(targets_c, lm_head.shape[1], dtype=jnp.float32)
+    d_logits = (d_logits * (g * mask_c)[..., None]).astype(x.dtype)
+    d_x = jnp.einsum('BTV,DV->BTD', d_logits, lm_head, preferred_element_type=jnp.float32).astype(x.dtype)
+    return d_lm_head + jnp.einsum('BTD,BTV->DV', x_c, d_logits, preferred_element_type=jnp.float32), d_x
+
+  d_lm_head, d_x = jax.lax.scan(one, jnp.zeros(lm_head.shape, jnp.float32),
+                                (_by_chunk(x, chunk), _by_chunk(targets, chunk), _by_chunk(mask, chunk), lse))
+  d_x = jnp.moveaxis(d_x, 0, 1).reshape(x.shape)
+  return d_x, d_lm_head.astype(lm_head.dtype), None, None
+
+
+_chunked_loss.defvjp(_chunked_loss_fwd, _chunked_loss_bwd)
+
+
+def _loss(params, buffers, graphdef, batch, loss_chunk: int | None = None):
   model = nnx.merge(graphdef, params, buffers)
-  logits, aux = model(batch['inputs'], batch['positions'], batch['segment_ids'])
-  loss_sum, count = next_token_loss(logits, batch['targets'], batch['mask'])
+  if loss_chunk is None:
+    logits, aux = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+    loss_sum, count = next_token_loss(logits, batch['targets'], batch['mask'])
+  else:
+    x, aux = model.features(batch['inputs'], batch['positions'], batch['segment_ids'])
+    loss_sum, count = chunked_next_token_loss(x, model.output_weights(), batch['targets'], batch['mask'],
+                                              loss_chunk)
   loss = loss_sum / jnp.maximum(count, 1.0)
   return loss + aux['balance_loss'], (loss, aux)
 
 
 def _gradients(state: TrainState, batch, setup: StepSetup):
   """Mean loss, float32 gradients and aux over the micro-batches of `batch` ([accum * micro, T] rows)."""
-  grad_fn = jax.value_and_grad(_loss, has_aux=True)
+  grad_fn = jax.value_and_grad(functools.partial(_loss, loss_chunk=setup.loss_chunk), has_aux=True)
   accum = setup.grad_accum_steps
   if accum == 1:
     (_, (loss, aux)), grads = grad_fn(state.params, state.buffers, setup.graphdef, batch)

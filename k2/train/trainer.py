@@ -127,12 +127,18 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
           seq_len: int = 128, learning_rate: float = 3e-3, seed: int = 0, mesh: dict | None = None,
           grad_accum_steps: int = 1, qk_clip_tau: float | None = 100.0, bias_update_rate: float = 1e-3,
           checkpoint_every: int = 100, keep_checkpoints: int = 3, eval_every: int = 100, eval_batches: int = 8,
-          log_every: int = 10, sample_prompt: str = 'def ', sample_tokens: int = 48) -> dict[str, float]:
-  """Trains (or resumes) the run in `workdir`; returns the final metrics, eval_loss and unigram_loss included."""
+          log_every: int = 10, sample_prompt: str = 'def ', sample_tokens: int = 48,
+          loss_chunk: int | None = None) -> dict[str, float]:
+  """Trains (or resumes) the run in `workdir`; returns the final metrics, eval_loss and unigram_loss included.
+
+  loss_chunk: take the output logits this many positions at a time in the training loss (None: all at once),
+  so only [rows, loss_chunk, vocab] of them are in memory (k2.train.step.chunked_next_token_loss)."""
   # 1. Everything that can be wrong is checked before anything is written.
   if seq_len > model_config.rope.max_position_embeddings:
     raise ConfigError(f'SEQ_LEN={seq_len} exceeds the model max_position_embeddings='
                       f'{model_config.rope.max_position_embeddings}')
+  if loss_chunk is not None and (loss_chunk < 1 or seq_len % loss_chunk):
+    raise ConfigError(f'train.loss_chunk={loss_chunk} does not divide SEQ_LEN={seq_len}')
   run_mesh = make_run_mesh(mesh, model_config, batch_size, grad_accum_steps)
   train_docs, eval_docs = pipeline.documents('train'), pipeline.documents('validation')
   tok = pipeline.tokenizer()
@@ -158,7 +164,7 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
     del model
     setup = StepSetup(graphdef=graphdef, model_config=model_config, optimizer=tx, schedule=lr_schedule,
                       qk_clip_tau=qk_clip_tau, bias_update_rate=bias_update_rate,
-                      grad_accum_steps=grad_accum_steps)
+                      grad_accum_steps=grad_accum_steps, loss_chunk=loss_chunk)
     train_data = pipeline.lm_batches(train_docs, tok, batch_size=local_rows, seq_len=seq_len, seed=seed,
                                      process_index=jax.process_index(), process_count=jax.process_count())
     # A fixed, shuffled sample of the validation split (the same every evaluation and every resume).
