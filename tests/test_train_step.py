@@ -145,3 +145,23 @@ def test_state_is_donated():
   old_param = jax.tree.leaves(state.params)[0]
   step_lib.train_step(state, batch(), setup)
   assert old_param.is_deleted()
+
+
+def test_chunked_loss_on_a_mesh_matches_one_device():
+  """Batch over data x fsdp, vocab over tensor: the chunks' log-sum-exp and gradients reduce across the shards."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  from k2 import sharding
+  data = jax.tree.map(jnp.asarray, batch(rows=4, seq=32))
+  gradients = jax.jit(step_lib._gradients, static_argnums=2)
+  setup, state = setup_and_state(qk_clip_tau=None, loss_chunk=8)
+  loss, grads, _ = gradients(state, data, setup)
+  mesh = sharding.make_mesh({'data': 2, 'tensor': 4})
+  with sharding.use_mesh(mesh):
+    model = model_lib.create(CONFIG, seed=0)
+    sharding.shard_model(model, mesh)
+    graphdef, sharded_state = step_lib.init_state(model, TX)
+    sharded_data = jax.device_put(data, NamedSharding(mesh, PartitionSpec(('data', 'fsdp', 'expert'))))
+    sharded_loss, sharded_grads, _ = gradients(sharded_state, sharded_data, setup)
+  assert float(loss) == pytest.approx(float(sharded_loss), rel=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(sharded_grads)):
+    np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-6)
