@@ -93,15 +93,11 @@ def _accumulate(acc, a, b):
 
 
 def _valid(problem, queries, keys, query_ids, key_ids, shape, query_axis: int):
-  """Mask of valid pairs of a tile: queries/keys are int32 position arrays of `shape`; the ids are vectors (one
-  per query / key, along their axis) or None."""
-  valid = keys < problem.kv_len
-  if problem.causal:
-    valid = valid & (keys <= queries + (problem.kv_len - problem.q_len))
+  """`Problem.valid` for a tile: queries/keys are int32 position arrays of `shape`; the ids are vectors (one per
+  query / key, along their axis) or None, broadcast explicitly (wgmma register layouts do not broadcast)."""
   if problem.segmented:
-    key_axis = 1 - query_axis
-    valid = valid & (_bcast(query_ids, shape, query_axis) == _bcast(key_ids, shape, key_axis))
-  return valid
+    query_ids, key_ids = _bcast(query_ids, shape, query_axis), _bcast(key_ids, shape, 1 - query_axis)
+  return problem.valid(queries, keys, query_ids, key_ids)
 
 
 def _iota(shape, dim, start):
@@ -525,14 +521,12 @@ def _dq(q, k, v, q_ids, kv_ids, lse, delta, d_out, by_query, *, problem, blocks:
                         slots=slots)
 
 
-def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, by_query, by_key, *, problem, blocks: BlockSizes,
+def backward(q, k, v, q_ids, kv_ids, delta, lse, d_out, by_query, by_key, *, problem, blocks: BlockSizes,
              interpret):
-  """Padded inputs and forward residuals -> (dq, dk, dv), each like its input."""
+  """Padded inputs, delta and lse [B, H, T] -> (dq, dk, dv), each like its input."""
   del interpret  # compiled only
   batch, kv_len, num_kv_heads = k.shape[:3]
   group = q.shape[2] // num_kv_heads
-  # delta_i = rowsum(dO * O) (FlashAttention-2, section 3.1.2), [B, H, T] float32.
-  delta = jnp.einsum('BTHV,BTHV->BHT', d_out.astype(jnp.float32), out.astype(jnp.float32))
   args = (q, k, v, q_ids, kv_ids, lse, delta, d_out)
   dk, dv = _dkv(*args, by_key, problem=problem, blocks=blocks)
   dq = _dq(*args, by_query, problem=problem, blocks=blocks)

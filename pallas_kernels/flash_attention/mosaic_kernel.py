@@ -220,10 +220,10 @@ def _dq_kernel(lo_ref, mid_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
     dq_ref[...] = (dq_scratch[...] * problem.sm_scale).astype(dq_ref.dtype)
 
 
-def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, by_query, by_key, *, problem: Problem, blocks: BlockSizes,
+def backward(q, k, v, q_ids, kv_ids, delta, lse, d_out, by_query, by_key, *, problem: Problem, blocks: BlockSizes,
              interpret):
-  """Padded [B, T, H, D] inputs and forward residuals -> (dq, dk, dv) in [B, T, H, D]."""
-  delta = jnp.einsum('BTHV,BTHV->BHT', d_out.astype(jnp.float32), out.astype(jnp.float32))[..., None]
+  """Padded [B, T, H, D] inputs, delta and lse [B, H, T] -> (dq, dk, dv) in [B, T, H, D]."""
+  delta = delta[..., None]
   q, k, v, d_out = map(_to_heads_major, (q, k, v, d_out))
   batch, num_heads, q_len, qk_dim = q.shape
   num_kv_heads, kv_len, v_dim = k.shape[1], k.shape[2], v.shape[-1]

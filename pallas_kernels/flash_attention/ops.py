@@ -173,8 +173,10 @@ def _attention_bwd(static: _Static, residuals, cotangents):
   d_out, _ = cotangents  # max_logits is not differentiated (QK-Clip reads it outside autodiff)
   batch = q_p.shape[0]
   d_out = _pad(d_out.astype(out_p.dtype), static.padded_q_len, static.padded_v_dim)
+  # delta_i = sum_j P_ij dP_ij = rowsum(dO * O) (FlashAttention-2, section 3.1.2), [B, H, T] float32.
+  delta = jnp.einsum('BTHV,BTHV->BHT', d_out.astype(jnp.float32), out_p.astype(jnp.float32))
   dq, dk, dv = _KERNELS[static.backend].backward(
-      q_p, k_p, v_p, q_ids, kv_ids, out_p, lse, d_out, _batch_ranges(by_query, batch),
+      q_p, k_p, v_p, q_ids, kv_ids, delta, lse, d_out, _batch_ranges(by_query, batch),
       _batch_ranges(by_key, batch), problem=static.problem, blocks=static.blocks,
       interpret=static.interpret)
   q_len, kv_len = static.problem.q_len, static.problem.kv_len

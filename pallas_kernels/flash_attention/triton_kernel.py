@@ -271,15 +271,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, problem: 
     dq_ref[:, pl.ds(*piece)] = (acc * problem.sm_scale).astype(dq_ref.dtype)
 
 
-def backward(q, k, v, q_ids, kv_ids, out, lse, d_out, by_query, by_key, *, problem: Problem, blocks: BlockSizes,
+def backward(q, k, v, q_ids, kv_ids, delta, lse, d_out, by_query, by_key, *, problem: Problem, blocks: BlockSizes,
              interpret):
-  """Padded inputs and forward residuals -> (dq, dk, dv), each like its input."""
+  """Padded inputs, delta and lse [B, H, T] -> (dq, dk, dv), each like its input."""
   batch, q_len, num_heads, qk_dim = q.shape
   kv_len, num_kv_heads, v_dim = k.shape[1], k.shape[2], v.shape[-1]
   group = num_heads // num_kv_heads
   block_q, block_k = blocks.block_q_dkv, blocks.block_k_dkv
-  # delta_i = sum_j P_ij dP_ij = rowsum(dO * O) (FlashAttention-2 eq. in section 3.1.2), [B, H, T] float32.
-  delta = jnp.einsum('BTHV,BTHV->BHT', d_out.astype(jnp.float32), out.astype(jnp.float32))
 
   # dK, dV: grid (key heads, batch, key blocks).
   group_spec = lambda dim: pl.BlockSpec((None, q_len, group, dim), lambda g, b, j: (b, 0, g, 0))
