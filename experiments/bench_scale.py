@@ -21,7 +21,6 @@ import time
 import traceback
 
 import jax
-import numpy as np
 import optax
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
@@ -145,7 +144,6 @@ def main(argv):
       json.dump({'results': results, 'peak': peak, 'device_kind': jax.devices()[0].device_kind,
                  'date': str(datetime.date.today())}, f, indent=1, default=str)
   print('\n'.join(lines))
-  return np.asarray(0)
 
 
 if __name__ == '__main__':
