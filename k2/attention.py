@@ -67,7 +67,7 @@ def latent_attention_reference(q: jax.Array, cache: jax.Array, positions: jax.Ar
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, sm_scale: float,
               impl: str = 'auto') -> tuple[jax.Array, jax.Array]:
-  """Causal attention with per-head max logits, by MLAConfig.attention_impl; shapes as `attention_reference`.
+  """Causal attention with per-head max logits, by RuntimeConfig.attention_impl; shapes as `attention_reference`.
 
   'flash' is the Pallas kernel of pallas_kernels/flash_attention (compiled on GPU/TPU, interpreted on CPU), which
   returns the max logits from inside the kernel; 'reference' is `attention_reference`; 'auto' is flash on GPU/TPU
@@ -81,22 +81,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
 
 
 class MLA(nnx.Module):
-  """x: [B, T, D] -> (out [B, T, D], max_logits [B, H], cache). See the module docstring for the cache."""
+  """x: [B, T, D] -> (out [B, T, D], max_logits [B, H], cache). See the module docstring for the cache.
+
+  rms_norm_eps: of the q and kv latent norms (ModelConfig.rms_norm_eps); attention_impl: see `attention`."""
 
   def __init__(self, config: MLAConfig, rope: RopeConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16,
-               param_dtype=jnp.float32):
-    self.config, self.rope, self.dtype = config, rope, dtype
+               param_dtype=jnp.float32, rms_norm_eps: float = 1e-6, attention_impl: str = 'auto'):
+    self.config, self.rope, self.dtype, self.attention_impl = config, rope, dtype, attention_impl
     c, p = config, param_dtype
     heads_k = (c.num_heads, c.qk_head_dim)
     if c.q_lora_rank is None:
       self.q_proj = sharding.param(rngs, (c.hidden_size, *heads_k), ('embed', 'heads', 'head_dim'), p)
     else:
       self.q_a_proj = sharding.param(rngs, (c.hidden_size, c.q_lora_rank), ('embed', 'q_lora'), p)
-      self.q_a_norm = RMSNorm(c.q_lora_rank, eps=c.rms_norm_eps, param_dtype=p)
+      self.q_a_norm = RMSNorm(c.q_lora_rank, eps=rms_norm_eps, param_dtype=p)
       self.q_b_proj = sharding.param(rngs, (c.q_lora_rank, *heads_k), ('q_lora', 'heads', 'head_dim'), p)
     self.kv_a_proj = sharding.param(rngs, (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim),
                                     ('embed', 'kv_lora'), p)
-    self.kv_a_norm = RMSNorm(c.kv_lora_rank, eps=c.rms_norm_eps, param_dtype=p)
+    self.kv_a_norm = RMSNorm(c.kv_lora_rank, eps=rms_norm_eps, param_dtype=p)
     self.kv_b_proj = sharding.param(rngs, (c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim),
                                     ('kv_lora', 'heads', 'head_dim'), p)
     self.o_proj = sharding.param(rngs, (c.num_heads, c.v_head_dim, c.hidden_size), ('heads', 'head_dim', 'embed'),
@@ -149,6 +151,6 @@ class MLA(nnx.Module):
       k_nope, v = kv_up[..., :c.qk_nope_head_dim], kv_up[..., c.qk_nope_head_dim:]
       q = jnp.concatenate([q_nope, q_rope], axis=-1)
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:3] + k_rope.shape[-1:])], axis=-1)
-      out, max_logits = attention(q, k, v, segment_ids, sm_scale, c.attention_impl)
+      out, max_logits = attention(q, k, v, segment_ids, sm_scale, self.attention_impl)
     out = sharding.constrain(out, ('batch', 'seq', 'act_heads', None))
     return jnp.einsum('BTHV,HVD->BTD', out, w(self.o_proj)), max_logits, cache

@@ -10,7 +10,6 @@ would pick: resume always starts from the last complete checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import grain
@@ -18,18 +17,6 @@ import jax
 import orbax.checkpoint as ocp
 
 from k2.config import ConfigError, ModelConfig
-
-# Fields that change how a model computes but not what it stores: a checkpoint restores across them.
-_COMPUTE_ONLY = {'dtype', 'remat_policy', 'attention_impl', 'matmul_impl'}
-
-
-def _shape_fields(config: ModelConfig) -> dict:
-  def strip(value):
-    if isinstance(value, dict):
-      return {k: strip(v) for k, v in value.items() if k not in _COMPUTE_ONLY}
-    return value
-  return strip(dataclasses.asdict(config))
-
 
 def _flatten(tree: dict, prefix: str = '') -> dict:
   flat = {}
@@ -57,7 +44,8 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def check_compatible(self, config: ModelConfig) -> None:
-    """Raises ConfigError when the latest checkpoint holds a model of another shape (it is left untouched)."""
+    """Raises ConfigError when the latest checkpoint holds another architecture (it is left untouched); the
+    runtime (kernels, remat, compute dtype) may differ."""
     step = self.latest_step()
     if step is None:
       return
@@ -65,9 +53,10 @@ class Checkpointer:
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:  # missing or corrupt files
       raise ConfigError(f'checkpoint {self.directory}/{step} is unreadable: {str(e).splitlines()[0]}') from None
-    saved, ours = _flatten(meta['model_config']), _flatten(_shape_fields(config))
-    differences = [f'{key} {saved.get(key)!r} != {ours.get(key)!r}' for key in sorted(set(saved) | set(ours))
-                   if saved.get(key) != ours.get(key)]
+    # Keys only the saved config has are runtime fields of checkpoints written before RuntimeConfig existed.
+    saved, ours = _flatten(meta['model_config']), _flatten(config.architecture())
+    differences = [f'{key} {saved.get(key)!r} != {value!r}' for key, value in sorted(ours.items())
+                   if saved.get(key) != value]
     if differences:
       raise ConfigError(f'{self.directory} holds a checkpoint of a different model ({", ".join(differences[:3])}); '
                         'use another --workdir')
@@ -79,7 +68,7 @@ class Checkpointer:
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=grain.checkpoint.CheckpointSave(data_iterator),
-                              meta=ocp.args.JsonSave({'step': step, 'model_config': _shape_fields(config)}))
+                              meta=ocp.args.JsonSave({'step': step, 'model_config': config.architecture()}))
     return self._manager.save(step, args=args, force=True)
 
   def restore(self, step: int, abstract_state, data_iterator):
