@@ -145,4 +145,6 @@ def cached_bpe(corpus_key: str, texts: Callable[[], Iterable[str]], vocab_size: 
   path = os.path.join(os.path.expanduser(cache_dir), f'bpe_{vocab_size}_{digest}.json')
   if os.path.isfile(path):
     return _from_hf_file(path)
+  print(f'training a {vocab_size}-token BPE tokenizer on {corpus_key.split(":")[0]} (once; cached as {path})',
+        flush=True)
   return train_bpe(texts, vocab_size, path)

@@ -23,6 +23,7 @@ import dataclasses
 import math
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 
@@ -80,8 +81,14 @@ def check_workdir(workdir: str) -> None:
   existing = path
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
-  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-    raise ConfigError(f'--workdir {workdir} is not writable ({existing} does not allow writing)')
+  if not os.path.isdir(existing):
+    raise ConfigError(f'--workdir {workdir} cannot be created: {existing} is a file')
+  try:  # a probe, removed at once: permissions alone do not tell (root, read-only mounts)
+    handle, probe = tempfile.mkstemp(prefix='.k2-write-probe-', dir=existing)
+    os.close(handle)
+    os.remove(probe)
+  except OSError as e:
+    raise ConfigError(f'--workdir {workdir} is not writable ({existing}: {e.strerror})') from None
 
 
 def initial_model(config: ModelConfig, seed: int = 0, init_from: str | None = None) -> model_lib.Transformer:
