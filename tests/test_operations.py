@@ -195,3 +195,40 @@ def test_start_up_line_within_5s_and_eta_within_half_of_the_real_remaining_time(
   eta = int(eta_text.split('m')[0]) * 60 + int(eta_text.split('m')[1].rstrip('s'))
   real = steps[-1][0] - second_time
   assert 0.5 * real <= eta <= 1.5 * real, (eta, real)
+
+
+@pytest.mark.slow
+def test_init_from_a_workdir_an_export_or_an_hf_directory(tmp_path):
+  """A later stage starts from earlier weights with a fresh optimizer: at lr 0 (no bias moves) the weights pass
+  through unchanged; a different architecture is refused in one line."""
+  run_in_process(tmp_path / 'base', 'NUM_STEPS = 2', *QUIET)
+  base = exported_embed(tmp_path / 'base')
+  for source in (tmp_path / 'base', tmp_path / 'base' / 'model', tmp_path / 'base' / 'checkpoints' / '2'):
+    workdir = tmp_path / f'from_{source.name}'
+    run_in_process(workdir, 'NUM_STEPS = 1', 'LEARNING_RATE = 0.0', 'train.bias_update_rate = 0.0',
+                   f"train.init_from = '{source}'", *QUIET)
+    np.testing.assert_array_equal(exported_embed(workdir), base)
+  with pytest.raises(SystemExit) as exit_info:
+    run_in_process(tmp_path / 'other', 'NUM_STEPS = 1', 'model_config.num_layers = 2',
+                   f"train.init_from = '{tmp_path / 'base'}'", *QUIET)
+  assert 'different model' in str(exit_info.value.code) and 'num_layers' in str(exit_info.value.code)
+
+  from k2 import hf
+  golden = os.path.join(ROOT, 'tests', 'golden', 'data', 'qlora_yarn')
+  config = hf.read_config(golden, dtype='float32', param_dtype='float32')
+  model = loop.initial_model(config, init_from=golden)
+  reference = hf.load(golden, dtype=jnp.float32)
+  np.testing.assert_array_equal(np.asarray(model.lm_head[...]), np.asarray(reference.lm_head[...]))
+
+
+def test_initial_model_reads_an_export_and_refuses_another_architecture(tmp_path):
+  config = get_config('k2_tiny', num_layers=2, vocab_size=256, dtype='float32')
+  saved = model_lib.create(config, seed=3)
+  convert.save_orbax(saved, str(tmp_path / 'model'))
+  loaded = loop.initial_model(config.replace(attention_impl='reference', remat_policy='full'),
+                              init_from=str(tmp_path / 'model'))
+  np.testing.assert_array_equal(np.asarray(loaded.embed[...]), np.asarray(saved.embed[...]))
+  with pytest.raises(Exception, match='different model.*num_layers'):
+    loop.initial_model(config.replace(num_layers=3), init_from=str(tmp_path / 'model'))
+  with pytest.raises(Exception, match='no such directory'):
+    loop.initial_model(config, init_from=str(tmp_path / 'nothing'))

@@ -37,12 +37,14 @@ def _reason(error: Exception) -> str:
   return line if len(line) <= 160 else line[:157] + '...'
 
 
-def check_same_architecture(saved, config: ModelConfig, what: str) -> None:
+def check_same_architecture(saved, config: ModelConfig, what: str, ignore: tuple[str, ...] = ()) -> None:
   """Raises ConfigError naming up to three differences when `saved` (a ModelConfig or its architecture() dict) is
-  not `config`'s architecture; runtime switches (kernels, remat, compute dtype) may differ."""
+  not `config`'s architecture; runtime switches (kernels, remat, compute dtype) may differ, and so may the
+  components named in `ignore` (a later stage may change the RoPE, which stores no parameters)."""
   saved = _flatten(saved.architecture() if isinstance(saved, ModelConfig) else saved)
+  ours = {k: v for k, v in _flatten(config.architecture()).items() if k.split('.')[0] not in ignore}
   # Keys only the saved config has are runtime fields of checkpoints written before RuntimeConfig existed.
-  differences = [f'{key} {saved.get(key)!r} != {value!r}' for key, value in sorted(_flatten(config.architecture()).items())
+  differences = [f'{key} {saved.get(key)!r} != {value!r}' for key, value in sorted(ours.items())
                  if saved.get(key) != value]
   if differences:
     raise ConfigError(f'{what} holds a different model ({", ".join(differences[:3])})')
@@ -66,9 +68,9 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def check_compatible(self, config: ModelConfig, step: int | None = None) -> None:
+  def check_compatible(self, config: ModelConfig, step: int | None = None, ignore: tuple[str, ...] = ()) -> None:
     """Raises ConfigError when checkpoint `step` (default: the latest) holds another architecture (it is left
-    untouched), CorruptCheckpoint when its metadata cannot be read."""
+    untouched; `ignore` as check_same_architecture), CorruptCheckpoint when its metadata cannot be read."""
     step = self.latest_step() if step is None else step
     if step is None:
       return
@@ -77,7 +79,7 @@ class Checkpointer:
       saved = meta['model_config']
     except Exception as e:  # missing or corrupt files
       raise CorruptCheckpoint(f'{self.directory}/{step}: {_reason(e)}') from None
-    check_same_architecture(saved, config, f'{self.directory}/{step}')
+    check_same_architecture(saved, config, f'{self.directory}/{step}', ignore)
 
   def save(self, step: int, state, data_iterator, config: ModelConfig, *,
            force: bool = False) -> bool:
@@ -107,7 +109,9 @@ class Checkpointer:
   def restore_model(self, step: int, params, buffers):
     """Only the model variables of the TrainState saved at `step` (for a later stage's init): (params, buffers)
     restored into the given abstract nnx.States."""
-    target = {'params': params, 'buffers': buffers}
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # placed on one device; the stage shards it
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          {'params': params, 'buffers': buffers})
     args = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                                   partial_restore=True)
     try:

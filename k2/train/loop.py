@@ -94,7 +94,8 @@ def check_workdir(workdir: str) -> None:
 def initial_model(config: ModelConfig, seed: int = 0, init_from: str | None = None) -> model_lib.Transformer:
   """A random model, or one read from `init_from`: an exported model directory (config.json + state/), a workdir or
   one of its checkpoints (the latest complete one's parameters), or a published HF directory (config.json +
-  safetensors). The stored model must have `config`'s architecture (runtime switches and dtypes may differ)."""
+  safetensors). The stored model must have `config`'s parameters: the same architecture up to the RoPE (context
+  extension changes it) and the runtime switches."""
   if not init_from:
     return model_lib.create(config, seed=seed)
   from k2 import convert, hf
@@ -112,7 +113,7 @@ def initial_model(config: ModelConfig, seed: int = 0, init_from: str | None = No
       model = hf.load(path, dtype=config.param_dtype)
   except hf.CheckpointError as e:
     raise ConfigError(f'init_from {init_from}: {e}') from None
-  checkpoint_lib.check_same_architecture(model.config, config, f'init_from {init_from}')
+  checkpoint_lib.check_same_architecture(model.config, config, f'init_from {init_from}', ignore=('rope',))
   graphdef, state = nnx.split(model_lib.abstract(config))
   nnx.replace_by_pure_dict(state, nnx.to_pure_dict(nnx.state(model)))
   return nnx.merge(graphdef, jax.tree.map(lambda x: jax.numpy.asarray(x, x.dtype), state))
@@ -125,7 +126,7 @@ def _model_from_train_checkpoint(path: str, config: ModelConfig) -> model_lib.Tr
   step = step if step is not None else checkpointer.latest_step()
   if step is None:
     raise ConfigError(f'init_from {path}: no complete checkpoint')
-  checkpointer.check_compatible(config, step)
+  checkpointer.check_compatible(config, step, ignore=('rope',))
   graphdef, params, buffers = nnx.split(model_lib.abstract(config), nnx.Param, ...)
   params, buffers = checkpointer.restore_model(step, params, buffers)
   checkpointer.close()

@@ -103,8 +103,8 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
   lr_schedule = recipe.schedule(learning_rate, num_steps)
   tx = recipe.optimizer(lr_schedule)
   local_rows = batch_size // jax.process_count()
+  model = loop.initial_model(model_config, seed, None if resuming else init_from)
   with sharding.use_mesh(run_mesh):
-    model = loop.initial_model(model_config, seed, None if resuming else init_from)
     sharding.shard_model(model, run_mesh)
     graphdef, state = init_state(model, tx)
     del model
