@@ -66,9 +66,11 @@ def test_bad_config_is_one_line(files, bindings, message):
 
 
 def test_pretraining_uses_plain_rope_at_4096():
-  gin_setup.parse(['configs/pretrain/k2_full.gin'], [])
+  gin_setup.parse(['configs/pretrain/k2_full.gin'], ["model_config.attention_impl = 'reference'"])
   config = model_config()
   assert config.rope.yarn is None and config.rope.max_position_embeddings == 4096
+  # Runtime switches bound by name land in config.runtime.
+  assert (config.runtime.remat_policy, config.runtime.attention_impl) == ('dots', 'reference')
   assert macro('SEQ_LEN') == 4096
   # Otherwise the released architecture (HF parity is tested on it).
   released = get_config('k2_full')
@@ -84,6 +86,7 @@ def test_long_context_stage_extends_with_yarn_at_32k():
   assert config.rope.yarn == K2_YARN  # factor 32 from 4096, beta_fast 1, beta_slow 1, mscale 1
   assert config.rope.max_position_embeddings == 131072 == K2_YARN.factor * K2_YARN.original_max_position_embeddings
   assert config.architecture() == get_config('k2_full').architecture()
+  assert config.runtime.remat_policy == 'full'
   num_steps = macro('NUM_STEPS')
   assert macro('SEQ_LEN') == 32768 and macro('INIT_FROM') == '/tmp/pretrained'
   lr = trainer.schedule(macro('LEARNING_RATE'), num_steps)
