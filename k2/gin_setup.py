@@ -26,8 +26,9 @@ def _first_line(error: Exception) -> str:
 
 
 def defined_macros() -> set[str]:
-  """Names of the macros in the current gin config (gin keeps no public list of them)."""
-  return {scope for scope, selector in gin.config._CONFIG if selector == 'gin.macro'}  # pylint: disable=protected-access
+  """Names of the macros in the current gin config (gin has no public list of them: read its binding table)."""
+  bindings = gin.config._CONFIG  # pylint: disable=protected-access
+  return {scope for scope, selector in bindings if selector == 'gin.macro'}
 
 
 def _assigned_macros(binding: str) -> list[str]:
