@@ -35,9 +35,10 @@ CASES = [('k2_small', 1, 2048, 'full', 12), ('k2_small', 1, 32768, 'full', 12),
          ('k2_small', 64, 2048, 'full', 12), ('k2_small', 64, 2048, 'ragged', 12),
          ('k2_small', 256, 2048, 'full', 12), ('k2', 1, 32768, 'full', 4), ('k2', 64, 4096, 'full', 4),
          ('k2', 64, 4096, 'ragged', 4)]
-# Tiles tried beside the defaults: (block_h, block_s, num_warps, num_stages, split multiplier).
-SWEEP = [(16, 32, 4, 3, 1), (16, 64, 4, 3, 2), (16, 128, 4, 2, 1), (16, 64, 8, 3, 1), (32, 64, 8, 2, 1),
-         (64, 64, 8, 2, 1)]
+# Tiles tried beside the defaults: (block_h, block_s, num_warps, num_stages, split multiplier: the automatic
+# split count times this).
+SWEEP = [(16, 32, 4, 3, 1), (16, 64, 4, 3, 4), (16, 128, 4, 2, 1), (16, 128, 4, 2, 4), (32, 64, 8, 2, 1),
+         (64, 64, 8, 2, 1), (64, 32, 8, 2, 1), (64, 64, 8, 2, 4)]
 
 _OUT = flags.DEFINE_string('mla_out', 'mla_decode.md', 'Markdown file the kernel results are written to.')
 _CALLS = flags.DEFINE_integer('calls', 40, 'Calls per timing (dispatched back to back), median of 5 timings.')
@@ -123,12 +124,13 @@ def bench_case(model, batch, slots, lengths_kind, layers, sweep: bool) -> dict:
   timings = {'default': time_call(kernel(None), q, caches, lengths)}
   if sweep:
     padded_heads = max(16, 1 << (heads - 1).bit_length())
-    programs = -(-4 * 132 // (batch * -(-padded_heads // 16)))
     for block_h, block_s, warps, stages, split_multiplier in SWEEP:
       if block_h > padded_heads:
         continue
-      blocks = BlockSizes(block_h=block_h, block_s=block_s, num_warps=warps, num_stages=stages,
-                          num_splits=None if split_multiplier == 1 else programs * split_multiplier)
+      blocks = BlockSizes(block_h=block_h, block_s=block_s, num_warps=warps, num_stages=stages)
+      if split_multiplier != 1:
+        blocks = dataclasses.replace(
+            blocks, num_splits=split_multiplier * blocks.splits(batch, padded_heads, latent, slots))
       try:
         timings[describe(blocks)] = time_call(kernel(blocks), q, caches, lengths)
       except Exception as e:  # noqa: BLE001 (a tile that does not compile is reported, not fatal)

@@ -10,6 +10,9 @@ MOSAIC = 'mosaic'
 # Programs a GPU launch aims for: a few per multiprocessor (the H200 has 132), so that a small batch still reads
 # the cache with every multiprocessor and a ragged one is balanced by the scheduler.
 _GPU_PROGRAMS = 4 * 132
+# Each split writes, and the merge reads back, a float32 [H, C] partial output: splits are capped so that this
+# traffic stays under a quarter of the cache bytes a row reads.
+_MAX_PARTIAL_TRAFFIC = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,17 +34,25 @@ class BlockSizes:
 
   @classmethod
   def for_backend(cls, backend: str, num_heads: int, latent_dim: int) -> 'BlockSizes':
-    """Defaults per backend. Triton: 16 heads per program for a latent of 512 (K2: the [block_h, C] float32
-    accumulator and the [block_h, C + R] query stay in registers), up to 64 for smaller latents. Mosaic: every
-    head in one program (the MXU wants tall tiles) and 128-slot steps."""
+    """Defaults per backend. Triton, from the H200 sweep (BENCHMARKS.md, bench_sample's kernel table): 16 heads
+    (k2_small) in one program of 4 warps over 64-slot steps; K2's 64 heads in one program of 8 warps (the slots are
+    read once, not once per 16-head block: 1.34x faster at batch 64 than 16-head programs). Mosaic: every head in
+    one program (the MXU wants tall tiles) and 128-slot steps."""
     if backend == MOSAIC:
       return cls(block_h=num_heads, block_s=128, num_splits=1)
     heads = max(16, 1 << (num_heads - 1).bit_length())
-    return cls(block_h=min(heads, 16 if latent_dim >= 512 else 64), block_s=64, num_warps=4, num_stages=3)
+    if heads >= 64 and latent_dim >= 512:
+      return cls(block_h=64, block_s=64, num_warps=8, num_stages=2)
+    return cls(block_h=min(heads, 64), block_s=64, num_warps=4, num_stages=3)
 
-  def splits(self, batch: int, num_head_blocks: int, num_slots: int) -> int:
-    """num_splits, or (None) enough splits for about _GPU_PROGRAMS programs, at most one per slot block."""
+  def splits(self, batch: int, num_heads: int, latent_dim: int, num_slots: int) -> int:
+    """num_splits, or (None) enough splits for about _GPU_PROGRAMS programs, at most one per slot block and few
+    enough that the partial outputs cost under _MAX_PARTIAL_TRAFFIC of the cache read."""
+    blocks = -(-num_slots // self.block_s)
     if self.num_splits is not None:
-      return max(1, min(self.num_splits, -(-num_slots // self.block_s)))
-    wanted = -(-_GPU_PROGRAMS // (batch * num_head_blocks))
-    return max(1, min(wanted, -(-num_slots // self.block_s)))
+      return max(1, min(self.num_splits, blocks))
+    wanted = -(-_GPU_PROGRAMS // (batch * (num_heads // self.block_h)))
+    cache_bytes = num_slots * latent_dim * 2  # about: bf16 latent part
+    partial_bytes = num_heads * latent_dim * 4 * 2  # float32, written then read
+    traffic_cap = int(_MAX_PARTIAL_TRAFFIC * cache_bytes / partial_bytes)
+    return max(1, min(wanted, blocks, traffic_cap))

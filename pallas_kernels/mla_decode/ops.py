@@ -37,7 +37,8 @@ def merge_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
   (-inf for an empty split) -> out [B, H, C] float32 over all slots, lse [B, H]."""
   total = jax.nn.logsumexp(lse, axis=1)  # -inf when every split is empty
   weights = jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0)[:, None])  # 0 for empty splits
-  return jnp.einsum('BPH,BPHC->BHC', weights, out), total
+  # A multiply and a sum (one fusion), not an einsum (a batched matmul call for a [P] contraction).
+  return jnp.sum(weights[..., None] * out, axis=1), total
 
 
 @functools.partial(jax.jit, static_argnames=('kv_lora_rank', 'sm_scale', 'interpret', 'block_sizes',
@@ -52,8 +53,8 @@ def mla_decode(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, kv_lora_ra
   Args:
     q: [B, H, C + R] absorbed queries (W_k^h q_nope^h, then the rotated q_rope^h), in the compute dtype.
     cache: [B, S, C + R] per slot the normalized latent (C) then the rotated shared rope key (R); same dtype as q.
-    lengths: [B] int32 in [0, S]: row b attends to slots 0..lengths[b]-1; what the other slots hold never
-      matters (NaN included).
+    lengths: [B] int32: row b attends to slots 0..lengths[b]-1 (clipped to [0, S]); what the other slots hold
+      never matters (NaN included).
     kv_lora_rank: C. Triton needs C and R to be multiples of 16.
     sm_scale: logit scale.
     interpret: None compiles for the default backend (Triton on GPU, Mosaic on TPU) and interprets the Triton
@@ -85,9 +86,10 @@ def mla_decode(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, kv_lora_ra
   padded_heads = -(-num_heads // blocks.block_h) * blocks.block_h
   if padded_heads != num_heads:  # Triton dots need 16 rows; the padded heads' rows are dropped below
     q = jnp.pad(q, ((0, 0), (0, padded_heads - num_heads), (0, 0)))
-  num_splits = blocks.splits(batch, padded_heads // blocks.block_h, cache.shape[1])
+  num_splits = blocks.splits(batch, padded_heads, kv_lora_rank, cache.shape[1])
+  lengths = jnp.clip(lengths.astype(jnp.int32), 0, cache.shape[1])  # the kernels never read past the cache
   out, lse = _KERNELS[backend].forward(
-      q.astype(cache.dtype), cache, lengths.astype(jnp.int32), latent_dim=kv_lora_rank, sm_scale=float(sm_scale),
+      q.astype(cache.dtype), cache, lengths, latent_dim=kv_lora_rank, sm_scale=float(sm_scale),
       blocks=blocks, num_splits=num_splits, interpret=interpret)
   if backend == TRITON:
     lse = lse / triton_kernel.LOG2_E  # base 2 -> natural
