@@ -40,13 +40,14 @@ class DecoderLayer(nnx.Module):
       self.ffn = MLP(config.hidden_size, config.dense_intermediate_size, rngs=rngs, dtype=dtype,
                      param_dtype=param_dtype)
 
-  def __call__(self, x, positions, segment_ids):
-    attn_out, max_logits = self.attn(self.attn_norm(x), positions, segment_ids)
+  def __call__(self, x, positions, segment_ids, cache=None, decode: bool = False):
+    """-> (x, max_logits [B, H], moe_aux or None, cache); cache and decode as k2.attention.MLA."""
+    attn_out, max_logits, cache = self.attn(self.attn_norm(x), positions, segment_ids, cache, decode)
     x = x + attn_out.astype(x.dtype)
     ffn_out = self.ffn(self.ffn_norm(x))
     ffn_out, moe_aux = ffn_out if self.is_moe else (ffn_out, None)
     x = sharding.constrain(x + ffn_out.astype(x.dtype), ('batch', 'seq', 'act_embed'))
-    return x, max_logits, moe_aux
+    return x, max_logits, moe_aux, cache
 
 
 @jax.custom_vjp
@@ -88,21 +89,33 @@ class Transformer(nnx.Module):
     self.lm_head = sharding.param(rngs, (config.hidden_size, config.vocab_size), ('embed', 'vocab'), param_dtype)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None):
+               segment_ids: jax.Array | None = None, cache: list[jax.Array] | None = None, decode: bool = False):
     """tokens, positions, segment_ids: [B, T] int32 -> (float32 logits [B, T, V], aux). Positions default to
-    0..T-1, one segment per row."""
-    x, aux = self.features(tokens, positions, segment_ids)
-    logits = output_logits(x, self.output_weights())
-    return sharding.constrain(logits, ('batch', 'seq', 'act_vocab')), aux
+    0..T-1, one segment per row. With a cache (`init_cache`), aux['cache'] is the updated one (see `features`)."""
+    x, aux = self.features(tokens, positions, segment_ids, cache, decode)
+    return self.logits(x), aux
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """Final-normed hidden states [B, T, D] -> float32 logits [B, T, V]."""
+    return sharding.constrain(output_logits(x, self.output_weights()), ('batch', 'seq', 'act_vocab'))
+
+  def init_cache(self, batch: int, slots: int) -> list[jax.Array]:
+    """An empty MLA latent cache per layer ([batch, slots, C + R] each, k2.attention.MLA)."""
+    return [layer.attn.init_cache(batch, slots) for layer in self.layers]
 
   def output_weights(self) -> jax.Array:
     """lm_head [D, V] in the compute dtype."""
     return self.lm_head[...].astype(jnp.dtype(self.config.dtype))
 
   def features(self, tokens: jax.Array, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None):
+               segment_ids: jax.Array | None = None, cache: list[jax.Array] | None = None, decode: bool = False):
     """The final-normed hidden states [B, T, D] (compute dtype) that the logits are taken from, and aux. A loss
-    can take the logits itself from these (`k2.train.step.chunked_next_token_loss`)."""
+    can take the logits itself from these (`k2.train.step.chunked_next_token_loss`), a sampler only the last ones.
+
+    cache: None (training), or one [B, S, C + R] latent cache per layer; the new tokens are stored at slots
+    `positions` and aux['cache'] is the updated cache. decode=False with a cache is a prefill (the new tokens attend
+    to each other, as in training); decode=True attends to the cache slots up to each token's position.
+    """
     dtype = jnp.dtype(self.config.dtype)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
@@ -112,9 +125,12 @@ class Transformer(nnx.Module):
     x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
     max_logits, expert_loads, balance_loss = [], [], jnp.zeros((), jnp.float32)
     dropped_tokens = jnp.zeros((), jnp.int32)
-    run_layer = _remat(self.config.remat_policy)
-    for layer in self.layers:
-      x, layer_max_logits, moe_aux = run_layer(layer, x, positions, segment_ids)
+    run_layer = _remat(self.config.remat_policy) if cache is None else _call_layer
+    new_cache = []
+    for i, layer in enumerate(self.layers):
+      x, layer_max_logits, moe_aux, layer_cache = run_layer(layer, x, positions, segment_ids,
+                                                            None if cache is None else cache[i], decode)
+      new_cache.append(layer_cache)
       max_logits.append(jnp.max(layer_max_logits, axis=0))
       if moe_aux is not None:
         expert_loads.append(moe_aux['expert_load'])
@@ -128,11 +144,13 @@ class Transformer(nnx.Module):
         'balance_loss': balance_loss,
         'dropped_tokens': dropped_tokens,
     }
+    if cache is not None:
+      aux['cache'] = new_cache
     return x, aux
 
 
-def _call_layer(layer: DecoderLayer, x, positions, segment_ids):
-  return layer(x, positions, segment_ids)
+def _call_layer(layer: DecoderLayer, x, positions, segment_ids, cache=None, decode=False):
+  return layer(x, positions, segment_ids, cache, decode)
 
 
 def _remat(policy: str):
@@ -145,7 +163,8 @@ def _remat(policy: str):
   saveable = {'full': jax.checkpoint_policies.nothing_saveable,
               'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
 
-  def call(layer, x, positions, segment_ids):
+  def call(layer, x, positions, segment_ids, cache=None, decode=False):
+    del cache, decode  # remat is for training forwards, which have no cache
     graphdef, state = nnx.split(layer)
     pure = jax.checkpoint(lambda state, x: _call_layer(nnx.merge(graphdef, state), x, positions, segment_ids),
                           policy=saveable)

@@ -27,7 +27,6 @@ from k2 import model as model_lib
 from k2 import sharding
 from k2.config import ModelConfig
 from k2.optim import qk_clip
-from k2.optim.qk_clip import head_scales
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -48,6 +47,9 @@ class StepSetup:
   bias_update_rate: float = 1e-3
   grad_accum_steps: int = 1
   loss_chunk: int | None = None  # take the logits `loss_chunk` positions at a time (chunked_next_token_loss)
+  # Also report `max_logit_after_step`: the max logit of a forward with the step's final (updated, clipped) weights on
+  # the same batch, a measurement of what QK-Clip left (one extra forward per step; for ablations).
+  measure_max_logit_after_step: bool = False
 
 
 def init_state(model: model_lib.Transformer, optimizer: optax.GradientTransformation) -> tuple[nnx.GraphDef,
@@ -188,13 +190,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], setup: StepSetup)
   loss, grads, aux = _gradients(state, batch, setup)
   updates, opt_state = setup.optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  clipped_heads, max_logit_after_clip = jnp.zeros((), jnp.int32), jnp.max(aux['max_logits'])
+  clipped_heads = jnp.zeros((), jnp.int32)
   if setup.qk_clip_tau is not None:
     params, clip_stats = qk_clip(params, aux['max_logits'], setup.qk_clip_tau, setup.model_config)
     clipped_heads = clip_stats['clipped_heads']
-    # Each head's logits scale by exactly gamma (q_nope, k_nope by sqrt(gamma); q_rope by gamma): this step's
-    # largest logit as the clipped weights would produce it.
-    max_logit_after_clip = jnp.max(aux['max_logits'] * head_scales(aux['max_logits'], setup.qk_clip_tau))
   buffers = state.buffers
   load = aux['expert_load']
   if load.size:
@@ -205,7 +204,6 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], setup: StepSetup)
       'grad_norm': optax.tree.norm(grads),
       'update_rms': _rms(updates),
       'max_logit': jnp.max(aux['max_logits']),
-      'max_logit_after_clip': max_logit_after_clip,
       'clipped_heads': clipped_heads,
       'dropped_tokens': aux['dropped_tokens'],  # expert parallelism's capacity exchange (0 when dropless)
       'expert_load_max_over_mean': (jnp.max(load / jnp.maximum(jnp.mean(load, axis=-1, keepdims=True), 1e-9))
@@ -213,6 +211,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], setup: StepSetup)
   }
   # Pre-clip max logit of each layer (max over its heads), for the per-layer spread in experiments/ablations.
   metrics.update({f'max_logit_layer{i}': m for i, m in enumerate(jnp.max(aux['max_logits'], axis=-1))})
+  if setup.measure_max_logit_after_step:
+    _, after = nnx.merge(setup.graphdef, params, buffers)(batch['inputs'], batch['positions'], batch['segment_ids'])
+    metrics['max_logit_after_step'] = jnp.max(after['max_logits'])
   return TrainState(step=state.step + 1, params=params, buffers=buffers, opt_state=opt_state), metrics
 
 

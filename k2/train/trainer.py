@@ -128,7 +128,7 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
           grad_accum_steps: int = 1, qk_clip_tau: float | None = 100.0, bias_update_rate: float = 1e-3,
           checkpoint_every: int = 100, keep_checkpoints: int = 3, eval_every: int = 100, eval_batches: int = 8,
           log_every: int = 10, sample_prompt: str = 'def ', sample_tokens: int = 48,
-          loss_chunk: int | None = None) -> dict[str, float]:
+          loss_chunk: int | None = None, measure_max_logit_after_step: bool = False) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the final metrics, eval_loss and unigram_loss included.
 
   loss_chunk: take the output logits this many positions at a time in the training loss (None: all at once),
@@ -164,7 +164,8 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
     del model
     setup = StepSetup(graphdef=graphdef, model_config=model_config, optimizer=tx, schedule=lr_schedule,
                       qk_clip_tau=qk_clip_tau, bias_update_rate=bias_update_rate,
-                      grad_accum_steps=grad_accum_steps, loss_chunk=loss_chunk)
+                      grad_accum_steps=grad_accum_steps, loss_chunk=loss_chunk,
+                      measure_max_logit_after_step=measure_max_logit_after_step)
     train_data = pipeline.lm_batches(train_docs, tok, batch_size=local_rows, seq_len=seq_len, seed=seed,
                                      process_index=jax.process_index(), process_count=jax.process_count())
     # A fixed, shuffled sample of the validation split (the same every evaluation and every resume).
