@@ -129,3 +129,18 @@ def test_merge_splits_equals_one_pass():
   out, lse = merge_splits(jnp.stack([p[0] for p in parts], 1), jnp.stack([p[1] for p in parts], 1))
   np.testing.assert_allclose(out, whole_out, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(lse, whole_lse, rtol=1e-6)
+
+
+def test_model_decode_attention_kernel_equals_reference():
+  """k2.attention.latent_attention (the model's decode call site): the kernel and the reference agree for queries at
+  different positions per row and per new token (T = 2), with slots past each query's position holding NaN."""
+  from k2 import attention  # the model side; this module is otherwise the kernel's
+  latent, rope, heads = SHAPES['k2_tiny']
+  q = jax.random.normal(jax.random.key(5), (3, 2, heads, latent + rope), jnp.float32)
+  cache = jax.random.normal(jax.random.key(6), (3, 40, latent + rope), jnp.float32)
+  positions = jnp.array([[0, 1], [20, 21], [38, 39]], jnp.int32)
+  cache = jnp.where(jnp.arange(40)[None, :, None] <= positions[:, 1:, None], cache, jnp.nan)
+  kernel = attention.latent_attention(q, cache, positions, latent, 0.2, impl='flash')
+  reference = attention.latent_attention(q, cache, positions, latent, 0.2, impl='reference')
+  assert kernel.shape == (3, 2, heads, latent)
+  assert _relative_error(kernel, reference) < 1e-5
