@@ -29,6 +29,7 @@ from pallas_kernels.mla_decode import mla_decode
 from pallas_kernels.mla_decode import mla_decode_reference
 
 SHAPES = {'k2_tiny': (32, 16, 4), 'k2_small': (128, 32, 16), 'k2': (512, 64, 64)}  # (C, R, H)
+CHECKED = list(SHAPES)  # shapes of the correctness check
 # (model, batch, cache slots, lengths, layers): k2_small at the batches of the sampler benchmark, a long context,
 # and K2's shape; 'full' fills every slot, 'ragged' draws lengths uniformly in [1, S] (a rollout batch).
 CASES = [('k2_small', 1, 2048, 'full', 12), ('k2_small', 1, 32768, 'full', 12),
@@ -44,9 +45,9 @@ _OUT = flags.DEFINE_string('mla_out', 'mla_decode.md', 'Markdown file the kernel
 _CALLS = flags.DEFINE_integer('calls', 40, 'Calls per timing (dispatched back to back), median of 5 timings.')
 
 
-def copy_bandwidth() -> float:
-  """Bytes per second of a 2 GiB bf16 device-to-device copy (read + written)."""
-  x = jax.random.normal(jax.random.key(0), (2 ** 30,), jnp.bfloat16)
+def copy_bandwidth(numbers: int = 2 ** 30) -> float:
+  """Bytes per second of a device-to-device copy of `numbers` bf16 values (2 GiB; read + written)."""
+  x = jax.random.normal(jax.random.key(0), (numbers,), jnp.bfloat16)
   copy = jax.jit(lambda x: x + 1)
   seconds = time_call(copy, x)
   return 2 * x.nbytes / seconds
@@ -89,7 +90,7 @@ def relative_error(actual, expected):
 def check_correctness() -> list[tuple]:
   """(model, dtype, out relative error, lse max abs error, finite) of the compiled kernel vs the f32 reference."""
   rows = []
-  for model, dtype in [(m, d) for m in SHAPES for d in (jnp.float32, jnp.bfloat16)]:
+  for model, dtype in [(m, d) for m in CHECKED for d in (jnp.float32, jnp.bfloat16)]:
     latent, rope, _ = SHAPES[model]
     q, (cache,), _ = inputs(model, 5, 1000, 'full', dtype=dtype, seed=1)
     lengths = jnp.array([1, 1000, 537, 64, 999], jnp.int32)
@@ -148,9 +149,11 @@ def describe(blocks: BlockSizes) -> str:
   return (f'h{blocks.block_h} s{blocks.block_s} w{blocks.num_warps} st{blocks.num_stages} splits {splits}')
 
 
-def run_all(sweep: bool = True) -> tuple[float, list, list]:
-  bandwidth = copy_bandwidth()
-  print(f'copy bandwidth {bandwidth / 1e12:.2f} TB/s', flush=True)
+def run_all(sweep: bool = True, bandwidth: float | None = None) -> tuple[float, list, list]:
+  """(copy bandwidth (measured unless given), correctness rows, timing rows)."""
+  if bandwidth is None:
+    bandwidth = copy_bandwidth()
+    print(f'copy bandwidth {bandwidth / 1e12:.2f} TB/s', flush=True)
   correctness = check_correctness()
   for row in correctness:
     print('check', row, flush=True)
