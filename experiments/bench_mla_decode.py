@@ -42,6 +42,7 @@ SWEEP = [(16, 32, 4, 3, 1), (16, 64, 4, 3, 4), (16, 128, 4, 2, 1), (16, 128, 4, 
          (64, 64, 8, 2, 1), (64, 32, 8, 2, 1), (64, 64, 8, 2, 4)]
 
 _OUT = flags.DEFINE_string('mla_out', 'mla_decode.md', 'Markdown file the kernel results are written to.')
+_SWEEP_FLAG = flags.DEFINE_bool('mla_sweep', True, 'Also time the tiles of SWEEP (standalone runs).')
 _CALLS = flags.DEFINE_integer('calls', 40, 'Calls per timing (dispatched back to back), median of 5 timings.')
 
 
@@ -121,7 +122,7 @@ def bench_case(model, batch, slots, lengths_kind, layers, sweep: bool) -> dict:
   def kernel(blocks):
     return layer_loop(lambda q, c, n: mla_decode(q, c, n, kv_lora_rank=latent, sm_scale=scale, block_sizes=blocks))
 
-  default = BlockSizes.for_backend('triton', heads, latent)
+  default = BlockSizes.for_backend('triton', heads, latent, 2)
   timings = {'default': time_call(kernel(None), q, caches, lengths)}
   if sweep:
     padded_heads = max(16, 1 << (heads - 1).bit_length())
@@ -197,7 +198,7 @@ def markdown(bandwidth: float, correctness: list, rows: list) -> list[str]:
 
 def main(argv):
   del argv
-  bandwidth, correctness, rows = run_all()
+  bandwidth, correctness, rows = run_all(sweep=_SWEEP_FLAG.value)
   text = '\n'.join(markdown(bandwidth, correctness, rows))
   with open(_OUT.value, 'w') as f:
     f.write(text + '\n')
