@@ -122,7 +122,7 @@ def bench_case(model, batch, slots, lengths_kind, layers, sweep: bool) -> dict:
   def kernel(blocks):
     return layer_loop(lambda q, c, n: mla_decode(q, c, n, kv_lora_rank=latent, sm_scale=scale, block_sizes=blocks))
 
-  default = BlockSizes.for_backend('triton', heads, latent, 2)
+  default = BlockSizes.for_backend('triton', heads, latent, 2, batch)
   timings = {'default': time_call(kernel(None), q, caches, lengths)}
   if sweep:
     padded_heads = max(16, 1 << (heads - 1).bit_length())

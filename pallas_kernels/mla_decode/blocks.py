@@ -33,19 +33,23 @@ class BlockSizes:
   num_stages: int = 3
 
   @classmethod
-  def for_backend(cls, backend: str, num_heads: int, latent_dim: int, itemsize: int = 2) -> 'BlockSizes':
-    """Defaults per backend. Triton, from the H200 sweep (BENCHMARKS.md, bench_sample's kernel section): 16 heads
-    (k2_small) in one program of 4 warps over 64-slot steps; K2's 64 heads in bf16 in one program of 8 warps (the
-    slots are read once, not once per 16-head block: 1.34x faster at batch 64 than 16-head programs; in float32
-    its query and two stages of slots would not fit the 227 KiB of shared memory, so 16 heads). Mosaic: every head
-    in one program (the MXU wants tall tiles) and 128-slot steps."""
+  def for_backend(cls, backend: str, num_heads: int, latent_dim: int, itemsize: int = 2,
+                  batch: int = 64) -> 'BlockSizes':
+    """Defaults per backend. Triton, from the H200 sweeps (BENCHMARKS.md, bench_sample's kernel section):
+      k2_small (16 heads): one program of 4 warps per row and split, 64-slot steps;
+      K2 (64 heads, latent 512), batch >= 32, bf16: all 64 heads in one program of 8 warps, so each slot is read
+        once rather than once per 16-head block (batch 64: 1.34x faster than 16-head programs); in float32 its
+        query and two stages of slots exceed the 227 KiB of shared memory;
+      K2 at small batches: 16-head programs over 32-slot steps (batch 1: four times the programs, 1.5x faster than
+        64-head ones).
+    Mosaic: every head in one program (the MXU wants tall tiles) and 128-slot steps."""
     if backend == MOSAIC:
       return cls(block_h=num_heads, block_s=128, num_splits=1)
     heads = max(16, 1 << (num_heads - 1).bit_length())
     if latent_dim >= 512:
-      if heads >= 64 and itemsize <= 2:
+      if heads >= 64 and itemsize <= 2 and batch >= 32:
         return cls(block_h=64, block_s=64, num_warps=8, num_stages=2)
-      return cls(block_h=16, block_s=64, num_warps=4, num_stages=3)
+      return cls(block_h=16, block_s=32, num_warps=4, num_stages=3)
     return cls(block_h=min(heads, 64), block_s=64, num_warps=4, num_stages=3)
 
   def splits(self, batch: int, num_heads: int, latent_dim: int, num_slots: int) -> int:

@@ -82,7 +82,7 @@ def mla_decode(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, kv_lora_ra
     raise ValueError(f'the Triton kernel needs C and R to be multiples of 16, got C={kv_lora_rank}, R={rope_dim}')
   if interpret is None:
     interpret = jax.default_backend() == 'cpu'
-  blocks = block_sizes or BlockSizes.for_backend(backend, num_heads, kv_lora_rank, cache.dtype.itemsize)
+  blocks = block_sizes or BlockSizes.for_backend(backend, num_heads, kv_lora_rank, cache.dtype.itemsize, batch)
   padded_heads = -(-num_heads // blocks.block_h) * blocks.block_h
   if padded_heads != num_heads:  # Triton dots need 16 rows; the padded heads' rows are dropped below
     q = jnp.pad(q, ((0, 0), (0, padded_heads - num_heads), (0, 0)))
