@@ -1,7 +1,7 @@
 """Plain-jnp MLA decode attention over the latent cache: the definition the Pallas kernels are tested against, and
 the path the model takes on CPU.
 
-Weight-absorbed MLA (DeepSeek-V2 section 2.1 and its appendix on inference; k2/sample/mla_cache.py explains the
+Weight-absorbed MLA (DeepSeek-V2 section 2.1 and its appendix on inference; k2/attention.py explains the
 algebra): every head attends to the same per-slot vector [latent (C) | rotated rope key (R)] with a query that has
 absorbed W_k, and its output is the weighted sum of latents (W_v is applied afterwards, outside this op).
 """
