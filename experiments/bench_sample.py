@@ -22,7 +22,6 @@ rewritten after every part):
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import statistics
 import subprocess
@@ -318,8 +317,8 @@ def main(argv):
   config = get_config(_MODEL.value, **overrides)
   model = model_lib.create(config, seed=0)
   # The same weights with the decode attention as the plain-jnp reference (XLA, every slot).
-  xla_model = nnx.merge(nnx.split(model_lib.abstract(config.replace(attention=dataclasses.replace(
-      config.attention, attention_impl='reference'))))[0], nnx.state(model))
+  xla_model = nnx.merge(nnx.split(model_lib.abstract(config.replace(attention_impl='reference')))[0],
+                        nnx.state(model))
   for batch in [int(b) for b in _BATCHES.value]:
     for impl, candidate in (('kernel', model), ('xla', xla_model)):
       if not in_budget(f'decode batch {batch} {impl}'):

@@ -56,7 +56,7 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
 
 def latent_attention(q: jax.Array, cache: jax.Array, positions: jax.Array, latent_dim: int, sm_scale: float,
                      impl: str = 'auto') -> jax.Array:
-  """Absorbed MLA attention over a latent cache (the decode form), by MLAConfig.attention_impl.
+  """Absorbed MLA attention over a latent cache (the decode form), by RuntimeConfig.attention_impl.
 
   q [B, T, H, C + R] (the absorbed nope query, then the rotated rope query), cache [B, S, C + R], positions [B, T]:
   a query at position p sees slots 0..p. Returns the attention-weighted latents [B, T, H, C] in the cache's dtype.
@@ -74,7 +74,7 @@ def latent_attention(q: jax.Array, cache: jax.Array, positions: jax.Array, laten
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, sm_scale: float,
               impl: str = 'auto') -> tuple[jax.Array, jax.Array]:
-  """Causal attention with per-head max logits, by MLAConfig.attention_impl; shapes as `attention_reference`.
+  """Causal attention with per-head max logits, by RuntimeConfig.attention_impl; shapes as `attention_reference`.
 
   'flash' is the Pallas kernel of pallas_kernels/flash_attention (compiled on GPU/TPU, interpreted on CPU), which
   returns the max logits from inside the kernel; 'reference' is `attention_reference`; 'auto' is flash on GPU/TPU
@@ -88,22 +88,24 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
 
 
 class MLA(nnx.Module):
-  """x: [B, T, D] -> (out [B, T, D], max_logits [B, H], cache). See the module docstring for the cache."""
+  """x: [B, T, D] -> (out [B, T, D], max_logits [B, H], cache). See the module docstring for the cache.
+
+  rms_norm_eps: of the q and kv latent norms (ModelConfig.rms_norm_eps); attention_impl: see `attention`."""
 
   def __init__(self, config: MLAConfig, rope: RopeConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16,
-               param_dtype=jnp.float32):
-    self.config, self.rope, self.dtype = config, rope, dtype
+               param_dtype=jnp.float32, rms_norm_eps: float = 1e-6, attention_impl: str = 'auto'):
+    self.config, self.rope, self.dtype, self.attention_impl = config, rope, dtype, attention_impl
     c, p = config, param_dtype
     heads_k = (c.num_heads, c.qk_head_dim)
     if c.q_lora_rank is None:
       self.q_proj = sharding.param(rngs, (c.hidden_size, *heads_k), ('embed', 'heads', 'head_dim'), p)
     else:
       self.q_a_proj = sharding.param(rngs, (c.hidden_size, c.q_lora_rank), ('embed', 'q_lora'), p)
-      self.q_a_norm = RMSNorm(c.q_lora_rank, eps=c.rms_norm_eps, param_dtype=p)
+      self.q_a_norm = RMSNorm(c.q_lora_rank, eps=rms_norm_eps, param_dtype=p)
       self.q_b_proj = sharding.param(rngs, (c.q_lora_rank, *heads_k), ('q_lora', 'heads', 'head_dim'), p)
     self.kv_a_proj = sharding.param(rngs, (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim),
                                     ('embed', 'kv_lora'), p)
-    self.kv_a_norm = RMSNorm(c.kv_lora_rank, eps=c.rms_norm_eps, param_dtype=p)
+    self.kv_a_norm = RMSNorm(c.kv_lora_rank, eps=rms_norm_eps, param_dtype=p)
     self.kv_b_proj = sharding.param(rngs, (c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim),
                                     ('kv_lora', 'heads', 'head_dim'), p)
     self.o_proj = sharding.param(rngs, (c.num_heads, c.v_head_dim, c.hidden_size), ('heads', 'head_dim', 'embed'),
@@ -147,7 +149,7 @@ class MLA(nnx.Module):
       w_k, w_v = w(self.kv_b_proj)[..., :c.qk_nope_head_dim], w(self.kv_b_proj)[..., c.qk_nope_head_dim:]
       q_absorbed = jnp.einsum('BTHN,CHN->BTHC', q_nope, w_k, preferred_element_type=jnp.float32).astype(dtype)
       out_latent = latent_attention(jnp.concatenate([q_absorbed, q_rope.astype(dtype)], axis=-1), cache, positions,
-                                    c.kv_lora_rank, sm_scale, c.attention_impl)
+                                    c.kv_lora_rank, sm_scale, self.attention_impl)
       out = jnp.einsum('BTHC,CHV->BTHV', out_latent, w_v)
       max_logits = jnp.full(q.shape[:1] + q.shape[2:3], -jnp.inf, jnp.float32)  # not measured while decoding
     else:
@@ -156,6 +158,6 @@ class MLA(nnx.Module):
       k_nope, v = kv_up[..., :c.qk_nope_head_dim], kv_up[..., c.qk_nope_head_dim:]
       q = jnp.concatenate([q_nope, q_rope], axis=-1)
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:3] + k_rope.shape[-1:])], axis=-1)
-      out, max_logits = attention(q, k, v, segment_ids, sm_scale, c.attention_impl)
+      out, max_logits = attention(q, k, v, segment_ids, sm_scale, self.attention_impl)
     out = sharding.constrain(out, ('batch', 'seq', 'act_heads', None))
     return jnp.einsum('BTHV,HVD->BTD', out, w(self.o_proj)), max_logits, cache

@@ -29,13 +29,15 @@ class DecoderLayer(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x)); ffn is an MLP or an MoE."""
 
   def __init__(self, config: ModelConfig, *, is_moe: bool, rngs: nnx.Rngs):
-    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    dtype, param_dtype, runtime = jnp.dtype(config.runtime.dtype), jnp.dtype(config.param_dtype), config.runtime
     self.is_moe = is_moe
     self.attn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
-    self.attn = MLA(config.attention, config.rope, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.attn = MLA(config.attention, config.rope, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                    rms_norm_eps=config.rms_norm_eps, attention_impl=runtime.attention_impl)
     self.ffn_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
     if is_moe:
-      self.ffn = MoE(config.moe, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+      self.ffn = MoE(config.moe, rngs=rngs, dtype=dtype, param_dtype=param_dtype, matmul_impl=runtime.matmul_impl,
+                     ep_impl=runtime.ep_impl, ep_capacity_factor=runtime.ep_capacity_factor)
     else:
       self.ffn = MLP(config.hidden_size, config.dense_intermediate_size, rngs=rngs, dtype=dtype,
                      param_dtype=param_dtype)
@@ -105,7 +107,7 @@ class Transformer(nnx.Module):
 
   def output_weights(self) -> jax.Array:
     """lm_head [D, V] in the compute dtype."""
-    return self.lm_head[...].astype(jnp.dtype(self.config.dtype))
+    return self.lm_head[...].astype(jnp.dtype(self.config.runtime.dtype))
 
   def features(self, tokens: jax.Array, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, cache: list[jax.Array] | None = None, decode: bool = False):
@@ -116,7 +118,7 @@ class Transformer(nnx.Module):
     `positions` and aux['cache'] is the updated cache. decode=False with a cache is a prefill (the new tokens attend
     to each other, as in training); decode=True attends to the cache slots up to each token's position.
     """
-    dtype = jnp.dtype(self.config.dtype)
+    dtype = jnp.dtype(self.config.runtime.dtype)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     # Gather the table over fsdp first (ZeRO-3 style), so the lookup comes out split like the tokens.
@@ -125,7 +127,7 @@ class Transformer(nnx.Module):
     x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
     max_logits, expert_loads, balance_loss = [], [], jnp.zeros((), jnp.float32)
     dropped_tokens = jnp.zeros((), jnp.int32)
-    run_layer = _remat(self.config.remat_policy) if cache is None else _call_layer
+    run_layer = _remat(self.config.runtime.remat_policy) if cache is None else _call_layer
     new_cache = []
     for i, layer in enumerate(self.layers):
       x, layer_max_logits, moe_aux, layer_cache = run_layer(layer, x, positions, segment_ids,
@@ -154,7 +156,7 @@ def _call_layer(layer: DecoderLayer, x, positions, segment_ids, cache=None, deco
 
 
 def _remat(policy: str):
-  """The per-layer call under the config's rematerialization policy (see ModelConfig.remat_policy).
+  """The per-layer call under the config's rematerialization policy (see RuntimeConfig.remat_policy).
 
   The layer is split into (graphdef, state) and rebuilt inside `jax.checkpoint`, a pure function of arrays;
   layers only read their variables in the forward pass, so nothing needs to flow back out."""
