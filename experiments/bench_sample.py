@@ -140,7 +140,7 @@ def time_decode(model, batch: int, bandwidth: float) -> dict:
   keys = jax.random.split(jax.random.key(1), len(model.layers))
   # Random latents (never zeros: they can time faster than real data), every row filled up to `context`.
   cache = [jax.random.normal(k, (batch, context + steps, att.kv_lora_rank + att.qk_rope_head_dim),
-                             jnp.float32).astype(model.config.dtype) for k in keys]
+                             jnp.float32).astype(model.config.runtime.dtype) for k in keys]
   token = jnp.zeros((batch,), jnp.int32)
   options = sample.DecodeOptions()
   begin = time.perf_counter()

@@ -125,11 +125,6 @@ class ModelConfig:
   def num_moe_layers(self) -> int:
     return self.num_layers - self.first_k_dense
 
-  @property
-  def dtype(self) -> str:
-    """The compute dtype, runtime.dtype (k2.sample reads it here)."""
-    return self.runtime.dtype
-
   def architecture(self) -> dict:
     """The fields that say what a checkpoint stores (everything but `runtime`), as nested dicts."""
     fields = dataclasses.asdict(self)
