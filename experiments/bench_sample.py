@@ -16,7 +16,6 @@ forward's argmax.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import statistics
 import time
 
@@ -26,6 +25,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from experiments.bench_common import section_title
 from k2 import model as model_lib
 from k2 import sample
 from k2.config import get_config
@@ -128,8 +128,7 @@ def markdown(config, device, results: dict, checks: dict) -> str:
                     for layout in mla_cache.LAYOUTS}
   lines = [
       '<!-- bench_sample:start -->',
-      f'## Decode with the MLA latent cache, {_MODEL.value} ({datetime.date.today()}, {device.device_kind}, '
-      f'jax {jax.__version__})',
+      section_title(f'Decode with the MLA latent cache, {_MODEL.value}'),
       '',
       f'Greedy decode, random weights, bf16 weights and cache, {_CONTEXT.value} cache slots per sequence; median '
       f'of {_REPS.value} calls of {_STEPS.value} steps in one jitted loop. Produced by '
