@@ -237,7 +237,7 @@ _COMPONENTS = [
     ('k2/norms.py', '', 'RMSNorm'), ('train/step.py', 'next_token_loss', 'cross-entropy'),
     ('optax/losses', '', 'cross-entropy'), ('k2/model.py', '', 'embedding + lm_head + residual'),
     ('k2/optim/', '', 'MuonClip + QK-Clip'), ('optax/', '', 'MuonClip + QK-Clip'),
-    ('qk_clip/', '', 'MuonClip + QK-Clip'), ('newton_schulz/', '', 'MuonClip + QK-Clip'),
+    ('newton_schulz/', '', 'MuonClip + QK-Clip'),
     ('train/step.py', '', 'step (metrics, router bias)'),
 ]
 
@@ -307,7 +307,7 @@ def _launcher(kernel: str) -> str:
     return 'gemm'
   if 'cub::' in kernel or 'Sort' in kernel:
     return 'sort'
-  if kernel.startswith(('flash_attention', 'grouped_matmul', 'newton_schulz', 'qk_clip')):
+  if kernel.startswith(('flash_attention', 'grouped_matmul', 'newton_schulz')):
     return 'pallas'
   return ''
 

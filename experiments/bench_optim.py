@@ -14,8 +14,6 @@ The floor of the Muon step is Newton-Schulz's FLOPs at that peak plus one pass o
 bandwidth measured in the same run (a float32 copy): read G, M_{t-1}, W; write M_t and the update (5 x 4 bytes per
 parameter), plus the bf16 Newton-Schulz input and output (2 x 2 bytes). XLA's cost analysis of each compiled step
 gives the bytes its HLO accesses, for comparison.
-QK-Clip's rescale: the Pallas kernel (pallas_kernels.qk_clip) against the jnp rescale (k2.optim.qk_clip), over
-k2_small's query and key projections with random per-head scales, state donated and fed back call after call.
 Checks in the same run: our first step (fp32 NS) equals optax's first step (their momentum forms coincide at step
 1), and bf16 NS differs from fp32 NS by the bf16 rounding only.
 """
@@ -23,8 +21,6 @@ Checks in the same run: our first step (fp32 NS) equals optax's first step (thei
 from __future__ import annotations
 
 import math
-import re
-import time
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +35,8 @@ from k2 import model as model_lib
 from k2.config import get_config
 from k2.optim import muon, muonclip, param_labels
 from k2.optim.muonclip import _matrix_shape
-from k2.optim.qk_clip import _path_string, rescale_heads
-from pallas_kernels.qk_clip import rescale_heads as rescale_heads_kernel
-from pallas_kernels.newton_schulz import newton_schulz_steps_reference, normalized_wide_matrices
+from k2.optim.qk_clip import _path_string
+from pallas_kernels.newton_schulz import newton_schulz_steps_reference, normalized_matrices
 
 _MODEL = flags.DEFINE_string('model', 'k2_small', 'Model variant whose parameters are optimized.')
 _ITERS = flags.DEFINE_integer('iters', 10, 'Timed samples per candidate.')
@@ -59,17 +54,18 @@ def random_like(tree, seed):
 
 
 def ns_groups(matrices: dict[str, jax.Array]) -> dict[tuple[int, int], int]:
-  """{wide shape [n, m] (n <= m): number of matrices}, as Muon batches them."""
+  """{shape [n, m]: number of matrices}, as Muon batches them."""
   groups: dict[tuple[int, int], int] = {}
   for x in matrices.values():
-    shape = (min(x.shape[-2:]), max(x.shape[-2:]))
-    groups[shape] = groups.get(shape, 0) + math.prod(x.shape[:-2])
+    groups[x.shape[-2:]] = groups.get(x.shape[-2:], 0) + math.prod(x.shape[:-2])
   return groups
 
 
 def ns_flops(groups: dict[tuple[int, int], int]) -> float:
-  """Matmul FLOPs of Newton-Schulz: per step X X^T (2 n^2 m), A A (2 n^3) and P X (2 n^2 m)."""
-  return float(sum(count * NS_STEPS * (4 * n * n * m + 2 * n ** 3) for (n, m), count in groups.items()))
+  """Matmul FLOPs of Newton-Schulz, short side s and long side l: per step the Gram matrix (2 s^2 l), its square
+  (2 s^3) and the new X (2 s^2 l)."""
+  return float(sum(count * NS_STEPS * (4 * min(shape) ** 2 * max(shape) + 2 * min(shape) ** 3)
+                   for shape, count in groups.items()))
 
 
 def hbm_bandwidth(gib: float = 4.0) -> float:
@@ -85,34 +81,6 @@ def bytes_accessed(compiled) -> float | None:
   if isinstance(analysis, list):
     analysis = analysis[0] if analysis else {}
   return (analysis or {}).get('bytes accessed')
-
-
-def time_chain_ms(fn, x, iters: int) -> float:
-  """Mean ms of `x = fn(x)` back to back (fn donates x), after two warm-up calls."""
-  for _ in range(2):
-    x = jax.block_until_ready(fn(x))
-  start = time.perf_counter()
-  for _ in range(iters):
-    x = fn(x)
-  jax.block_until_ready(x)
-  return (time.perf_counter() - start) * 1e3 / iters
-
-
-def qk_clip_rescale(params, iters: int) -> dict[str, float]:
-  """ms per rescale of every query/key projection of `params` (float32): the jnp rescale vs the Pallas kernel."""
-  weights = {path: x for path, x in params.items() if re.search(r'attn/(q_b_proj|q_proj|kv_b_proj)$', path)}
-  scales = {path: jax.random.uniform(jax.random.key(i), x.shape[-2:], jnp.float32, 0.95, 1.0)
-            for i, (path, x) in enumerate(weights.items())}
-  out = {'weights': len(weights), 'bytes': sum(x.size * x.dtype.itemsize for x in weights.values())}
-  for name, rescale in (('jnp', rescale_heads), ('pallas', rescale_heads_kernel)):
-    step = jax.jit(lambda tree, rescale=rescale: {p: rescale(x, scales[p]) for p, x in tree.items()},
-                   donate_argnums=0)
-    out[name] = time_chain_ms(step, {p: jnp.array(x) for p, x in weights.items()}, iters)
-  tree = {p: jnp.array(x) for p, x in weights.items()}
-  expected = {p: rescale_heads(x, scales[p]) for p, x in tree.items()}
-  actual = {p: rescale_heads_kernel(jnp.array(x), scales[p]) for p, x in tree.items()}
-  out['max_abs_difference'] = max(float(jnp.max(jnp.abs(actual[p] - expected[p]))) for p in tree)
-  return out
 
 
 def rel(a, b) -> float:
@@ -177,9 +145,8 @@ def main(argv):
 
   # Newton-Schulz alone, on the normalized bf16 stacks Muon builds.
   stacks = {}
-  for name, x in mat_grads.items():
-    wide, _ = normalized_wide_matrices(x.reshape(-1, *x.shape[-2:]), 1e-7, jnp.bfloat16)
-    stacks.setdefault(wide.shape[-2:], []).append(wide)
+  for x in mat_grads.values():
+    stacks.setdefault(x.shape[-2:], []).append(normalized_matrices(x.reshape(-1, *x.shape[-2:]), 1e-7, jnp.bfloat16))
   stacks = [jnp.concatenate(parts) for parts in stacks.values()]
   ns_ms = time_ms(jax.jit(lambda stacks: [newton_schulz_steps_reference(s, NS_STEPS) for s in stacks]), stacks,
                   iters=_ITERS.value)
@@ -189,8 +156,6 @@ def main(argv):
   floor_ms = (flops / (peak['best_tflops'] * 1e12) + state_bytes / bandwidth) * 1e3
   print(f'Newton-Schulz alone {ns_ms:.2f} ms, {ns_tflops:.0f} TFLOP/s; floor {floor_ms:.1f} ms', flush=True)
 
-  rescale = qk_clip_rescale(flat_params, iters=20)
-  print(f'QK-Clip rescale: {rescale}', flush=True)
 
   ours_vs_optax = rel(updates['muon, fp32 NS'], updates['optax.contrib.muon'])
   bf16_vs_fp32 = rel(updates['muon'], updates['muon, fp32 NS'])
@@ -200,7 +165,7 @@ def main(argv):
       section_title(f'Optimizer step, {model_name}'),
       '',
       f'Muon over {len(names)} parameters ({num_muon / 1e9:.3f}B, float32 parameters, gradients and momentum), '
-      f'batched by wide shape for Newton-Schulz: {shapes}. Median of back-to-back jitted steps (not donated). '
+      f'batched by shape for Newton-Schulz: {shapes}. Median of back-to-back jitted steps (not donated). '
       'Produced by `python -m experiments.bench_optim`.',
       '',
       '| candidate | ms / step | optax time / ours | bytes accessed (XLA cost analysis) |',
@@ -223,12 +188,6 @@ def main(argv):
       f'{optax_ms / results["muon"]:.2f}x faster than optax.contrib.muon.',
       f'Checks in the same run: our first step (fp32 NS) vs optax\'s first step, relative difference '
       f'{ours_vs_optax:.2e}; bf16 vs fp32 Newton-Schulz, {bf16_vs_fp32:.2e}.',
-      '',
-      f'QK-Clip rescale of {model_name}\'s {rescale["weights"]} query/key projections ({rescale["bytes"] / 1e6:.0f} MB, '
-      f'float32, donated, fed back call after call): jnp (`k2.optim.qk_clip.rescale_heads`, one XLA fusion) '
-      f'{rescale["jnp"] * 1e3:.0f} us, Pallas kernel (`pallas_kernels.qk_clip`) {rescale["pallas"] * 1e3:.0f} us '
-      f'(jnp time / kernel {rescale["jnp"] / rescale["pallas"]:.2f}); largest difference '
-      f'{rescale["max_abs_difference"]:.1e}.',
   ]
   text = write_section(_OUT.value, 'bench_optim', lines)
   print(text)

@@ -17,6 +17,8 @@ from pallas_kernels.newton_schulz import kernel
 from pallas_kernels.newton_schulz import newton_schulz
 from pallas_kernels.newton_schulz import newton_schulz_reference
 from pallas_kernels.newton_schulz import newton_schulz_steps
+from pallas_kernels.newton_schulz import newton_schulz_steps_reference
+from pallas_kernels.newton_schulz import normalized_matrices
 
 pytestmark = pytest.mark.skipif(jax.default_backend() == 'gpu', reason='the kernel has no GPU backend')
 
@@ -75,9 +77,12 @@ def test_bfloat16_input_keeps_its_dtype():
   assert _relative_error(actual, _reference(x, jnp.bfloat16)) < RELATIVE_TOLERANCE[jnp.bfloat16]
 
 
-def test_tall_matrices_are_refused_by_the_steps():
-  with pytest.raises(ValueError, match='wide'):
-    newton_schulz_steps(jnp.ones((40, 12)))
+def test_tall_stacks_give_the_transposed_wide_result():
+  # The reference iterates a tall X in place (A = X^T X, X <- X P); the kernel transposes it to the wide form.
+  x = normalized_matrices(_random_matrices((2, 40, 24)), 1e-7, jnp.float32)
+  for steps in (newton_schulz_steps, newton_schulz_steps_reference):
+    tall, wide = steps(x), steps(jnp.swapaxes(x, -1, -2))
+    assert _relative_error(tall, jnp.swapaxes(wide, -1, -2)) < RELATIVE_TOLERANCE[jnp.float32]
 
 
 def test_output_is_nearly_orthogonal():

@@ -103,14 +103,14 @@ def test_sharded_update_matches_one_device(axes):
 
 
 def _ns_groups() -> dict[tuple[int, int], int]:
-  """{wide matrix shape [min(n, m), max(n, m)]: number of matrices of that shape} over k2_tiny's Muon parameters
-  (Muon stacks each wide shape, tall matrices transposed, into one Newton-Schulz batch)."""
+  """{matrix shape [n, m]: number of matrices of that shape} over k2_tiny's Muon parameters (Muon stacks each
+  shape into one Newton-Schulz batch)."""
   params = nnx.state(model_lib.abstract(CONFIG), nnx.Param)
   groups: dict[tuple[int, int], int] = {}
   for (path, param), label in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_labels(params))):
     if label == 'muon':
       shape = _matrix_shape(_path_string(path), param.shape)
-      groups[_wide(shape[-2:])] = groups.get(_wide(shape[-2:]), 0) + math.prod(shape[:-2])
+      groups[shape[-2:]] = groups.get(shape[-2:], 0) + math.prod(shape[:-2])
   return groups
 
 
@@ -140,13 +140,14 @@ def _dots(hlo: str) -> list[tuple[tuple[int, ...], int]]:
 
 def _expected_dots(batches: dict[tuple[int, int], int]) -> collections.Counter:
   """Output shapes of the matmuls of Newton-Schulz on `batches[shape]` stacked matrices of each shape: per step
-  X X^T and A A ([rows, rows]) and P X ([rows, cols]), wide orientation, a batch of 1 squeezed away."""
+  the Gram matrix of the short side and its square ([short, short]) and the new X (P X or, tall, X P: [n, m]), a
+  batch of 1 squeezed away."""
   expected = collections.Counter()
   for shape, batch in batches.items():
-    rows, cols = _wide(shape)
+    short = min(shape)
     lead = (batch,) if batch > 1 else ()
-    expected[lead + (rows, rows)] += 2 * NS_STEPS
-    expected[lead + (rows, cols)] += NS_STEPS
+    expected[lead + (short, short)] += 2 * NS_STEPS
+    expected[lead + tuple(shape)] += NS_STEPS
   return expected
 
 

@@ -37,7 +37,7 @@ from k2.sharding import DEFAULT_RULES
 from pallas_kernels.newton_schulz import NS_COEFFS
 from pallas_kernels.newton_schulz import newton_schulz_steps
 from pallas_kernels.newton_schulz import newton_schulz_steps_reference
-from pallas_kernels.newton_schulz import normalized_wide_matrices
+from pallas_kernels.newton_schulz import normalized_matrices
 
 NS_IMPLS = ('auto', 'jnp', 'pallas')
 SHARD_NS_OPTIONS = ('auto', True, False)
@@ -50,7 +50,7 @@ NS_EPS = 1e-7
 
 
 def _steps_implementation(ns_impl: str) -> Callable[..., jax.Array]:
-  """The Newton-Schulz steps (on normalized wide matrices) for `ns_impl`: 'auto' is the Pallas kernel on TPU and
+  """The Newton-Schulz steps (on normalized matrices) for `ns_impl`: 'auto' is the Pallas kernel on TPU and
   the jnp reference elsewhere. The kernel has no GPU backend: on an H200, XLA's batched cuBLAS matmuls beat it at
   Muon's shapes (BENCHMARKS.md, bench_optim)."""
   if ns_impl not in NS_IMPLS:
@@ -69,36 +69,34 @@ def newton_schulz(
     ns_impl: str = 'auto',
 ) -> jax.Array:
   """Approximate orthogonalization U V^T of x = U S V^T ([..., n, m], leading axes a batch of matrices), as Muon
-  does it: X0 = x / (||x||_F + eps) in the wide orientation, then `steps` quintic steps in `dtype`
+  does it: X0 = x / (||x||_F + eps), then `steps` quintic steps in `dtype`
   (`pallas_kernels.newton_schulz.newton_schulz_reference` defines them). Returns [..., n, m] in x's dtype."""
   if x.ndim < 2:
     raise ValueError(f'newton_schulz needs [..., n, m] matrices, got shape {x.shape}')
-  matrices, transposed = normalized_wide_matrices(x, eps, dtype)
-  matrices = _steps_implementation(ns_impl)(matrices, steps=steps, coeffs=coeffs)
-  return (jnp.swapaxes(matrices, -1, -2) if transposed else matrices).astype(x.dtype)
+  matrices = _steps_implementation(ns_impl)(normalized_matrices(x, eps, dtype), steps=steps, coeffs=coeffs)
+  return matrices.astype(x.dtype)
 
 
 def orthogonalize_by_shape(tree: optax.Updates, run_steps: Callable[[jax.Array], jax.Array], *, eps: float,
                            dtype: jnp.dtype, mesh: jax.sharding.AbstractMesh | None = None) -> optax.Updates:
   """Newton-Schulz on every matrix of `tree` ([n, m] or [batch, n, m] leaves), returned in `dtype`.
 
-  Each leaf is normalized on its own (X0 = x / (||x||_F + eps), wide orientation, rounded once to `dtype`), then
-  all matrices of one wide shape [min(n, m), max(n, m)] are stacked and `run_steps` ([k, n, m] -> same) runs once
-  per shape: a model's layers and experts repeat the same shapes (k2_small: 2145 expert matrices of one shape), so
-  a few large batched matmuls replace one small call per leaf, which would leave an accelerator mostly idle. Only
-  the `dtype` copies are stacked, never the float32 inputs.
+  Each leaf is normalized on its own (X0 = x / (||x||_F + eps), rounded once to `dtype`), then all matrices of one
+  shape [n, m] are stacked and `run_steps` ([k, n, m] -> same) runs once per shape: a model's layers and experts
+  repeat the same shapes (k2_small: over two thousand expert matrices in two shapes), so a few large batched
+  matmuls replace one small call per leaf, which would leave an accelerator mostly idle. Only the `dtype` copies
+  are stacked, never the float32 inputs, and nothing is transposed (tall matrices take the Gram matrix of their
+  columns, see `newton_schulz_steps_reference`).
 
   With a `mesh` (see `ns_mesh`), each stack is split over all its devices and every device orthogonalizes only
   its own whole matrices (`_orthogonalize_split`); without one, the whole stack is orthogonalized where it is.
   """
   leaves, treedef = jax.tree.flatten(tree)
   groups: dict[tuple[int, int], list[int]] = {}
-  starts, transposed = [], []
+  starts = []
   for i, leaf in enumerate(leaves):
-    matrices, flipped = normalized_wide_matrices(leaf.reshape(-1, *leaf.shape[-2:]), eps, dtype)
-    starts.append(matrices)
-    transposed.append(flipped)
-    groups.setdefault(matrices.shape[-2:], []).append(i)
+    starts.append(normalized_matrices(leaf.reshape(-1, *leaf.shape[-2:]), eps, dtype))
+    groups.setdefault(leaf.shape[-2:], []).append(i)
   out = list(leaves)
   for indices in groups.values():
     stacks = [starts[i] for i in indices]
@@ -107,7 +105,7 @@ def orthogonalize_by_shape(tree: optax.Updates, run_steps: Callable[[jax.Array],
     else:
       results = _orthogonalize_split(stacks, run_steps, mesh)
     for i, result in zip(indices, results):
-      out[i] = (jnp.swapaxes(result, -1, -2) if transposed[i] else result).reshape(leaves[i].shape)
+      out[i] = result.reshape(leaves[i].shape)
   return jax.tree.unflatten(treedef, out)
 
 

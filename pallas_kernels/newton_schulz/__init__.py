@@ -6,4 +6,4 @@ from pallas_kernels.newton_schulz.ops import newton_schulz_steps
 from pallas_kernels.newton_schulz.reference import NS_COEFFS
 from pallas_kernels.newton_schulz.reference import newton_schulz_reference
 from pallas_kernels.newton_schulz.reference import newton_schulz_steps_reference
-from pallas_kernels.newton_schulz.reference import normalized_wide_matrices
+from pallas_kernels.newton_schulz.reference import normalized_matrices

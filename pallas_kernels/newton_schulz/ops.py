@@ -1,4 +1,4 @@
-"""Public Newton-Schulz ops: orient, normalize and pad, then run the Pallas (Mosaic) kernels of `kernel.py`.
+"""Public Newton-Schulz ops: normalize, orient and pad, then run the Pallas (Mosaic) kernels of `kernel.py`.
 
 Muon never differentiates through Newton-Schulz (it orthogonalizes a gradient-momentum buffer), so, unlike most
 ops in pallas_kernels/, these have no custom_vjp and no backward kernel; jax.grad through them raises.
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from pallas_kernels.newton_schulz import kernel
 from pallas_kernels.newton_schulz.kernel import BlockSizes
 from pallas_kernels.newton_schulz.reference import NS_COEFFS
-from pallas_kernels.newton_schulz.reference import normalized_wide_matrices
+from pallas_kernels.newton_schulz.reference import normalized_matrices
 
 
 def _interpret_mode(interpret):
@@ -35,14 +35,14 @@ def newton_schulz_steps(
     interpret: bool | pltpu.InterpretParams | None = None,
     block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
-  """The Newton-Schulz steps on normalized wide matrices [..., n, m] (n <= m) with the Pallas kernels.
+  """The Newton-Schulz steps on normalized matrices [..., n, m] with the Pallas kernels.
 
-  Same maths and rounding points as `newton_schulz_steps_reference`. Sides are zero-padded to the tile sizes,
-  which is exact because each step is a polynomial in X X^T applied to X: zero rows and columns of X stay zero and
-  never touch the others.
+  Same maths and rounding points as `newton_schulz_steps_reference`. The kernels work on the wide orientation
+  (a tall stack is transposed there and back). Sides are zero-padded to the tile sizes, which is exact because each
+  step is a polynomial in X X^T applied to X: zero rows and columns of X stay zero and never touch the others.
 
   Args:
-    matrices: [..., n, m], n <= m, already divided by their Frobenius norm, in the iteration dtype.
+    matrices: [..., n, m], already divided by their Frobenius norm, in the iteration dtype.
     steps: Newton-Schulz steps.
     coeffs: (a, b, c) of the quintic step.
     interpret: None runs the compiled kernel on TPU and TPU interpret mode on CPU (an error on GPU); True, or a
@@ -54,9 +54,11 @@ def newton_schulz_steps(
   """
   interpret = _interpret_mode(interpret)
   block_sizes = block_sizes or BlockSizes()
+  if matrices.shape[-2] > matrices.shape[-1]:
+    wide = jnp.swapaxes(matrices, -1, -2)
+    wide = newton_schulz_steps(wide, steps=steps, coeffs=coeffs, interpret=interpret, block_sizes=block_sizes)
+    return jnp.swapaxes(wide, -1, -2)
   *batch_shape, rows, cols = matrices.shape
-  if rows > cols:
-    raise ValueError(f'newton_schulz_steps needs wide matrices (n <= m), got shape {matrices.shape}')
   padded_rows, padded_cols = (kernel.padded_size(size, block_sizes) for size in (rows, cols))
   stack = jnp.pad(matrices.reshape(-1, rows, cols), ((0, 0), (0, padded_rows - rows), (0, padded_cols - cols)))
   fits_on_chip = max(padded_rows, padded_cols) <= block_sizes.fused_max_dim
@@ -76,8 +78,8 @@ def newton_schulz(
 ) -> jax.Array:
   """Newton-Schulz orthogonalization of a stack of matrices with the Pallas kernels.
 
-  Same maths as `newton_schulz_reference`: X0 = x / (||x||_F + eps) per matrix in the wide orientation (tall
-  matrices are transposed), then `steps` times X <- (a I + b A + c A A) X with A = X X^T.
+  Same maths as `newton_schulz_reference`: X0 = x / (||x||_F + eps) per matrix, then `steps` times
+  X <- (a I + b A + c A A) X with A = X X^T.
 
   Args:
     x: [..., n, m]; leading axes are a batch of independent matrices.
@@ -91,9 +93,6 @@ def newton_schulz(
   """
   if x.ndim < 2:
     raise ValueError(f'newton_schulz needs [..., n, m] matrices, got shape {x.shape}')
-  matrices, transposed = normalized_wide_matrices(x, eps, dtype)
-  matrices = newton_schulz_steps(matrices, steps=steps, coeffs=coeffs, interpret=interpret,
+  matrices = newton_schulz_steps(normalized_matrices(x, eps, dtype), steps=steps, coeffs=coeffs, interpret=interpret,
                                  block_sizes=block_sizes)
-  if transposed:
-    matrices = jnp.swapaxes(matrices, -1, -2)
   return matrices.astype(x.dtype)

@@ -15,24 +15,12 @@ import jax.numpy as jnp
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def normalized_wide_matrices(x: jax.Array, eps: float, dtype: jnp.dtype) -> tuple[jax.Array, bool]:
-  """The Newton-Schulz starting point X0 = x / (||x||_F + eps), per matrix, in the wide orientation.
-
-  Args:
-    x: [..., n, m]; leading axes are a batch of independent matrices.
-    eps: keeps an all-zero matrix at zero instead of NaN.
-    dtype: dtype of the returned X0 (the norm and the division are taken in float32, then rounded once).
-
-  Returns:
-    (X0, transposed): X0 is [..., min(n, m), max(n, m)]; `transposed` says whether x was tall (n > m) and was
-    transposed, so the caller transposes the result back.
-  """
-  transposed = x.shape[-2] > x.shape[-1]
-  # Wide orientation: A = X X^T is then the smaller of the two Gram matrices (min(n, m)^2 entries).
-  wide = jnp.swapaxes(x, -1, -2) if transposed else x
-  wide = wide.astype(jnp.float32)
-  frobenius_norm = jnp.sqrt(jnp.sum(jnp.square(wide), axis=(-2, -1), keepdims=True))
-  return (wide / (frobenius_norm + eps)).astype(dtype), transposed
+def normalized_matrices(x: jax.Array, eps: float, dtype: jnp.dtype) -> jax.Array:
+  """The Newton-Schulz starting point X0 = x / (||x||_F + eps) per matrix ([..., n, m], leading axes a batch),
+  the norm and the division taken in float32 and rounded once to `dtype`; eps keeps a zero matrix at zero."""
+  x = x.astype(jnp.float32)
+  frobenius_norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=(-2, -1), keepdims=True))
+  return (x / (frobenius_norm + eps)).astype(dtype)
 
 
 def step_polynomial(gram: jax.Array, gram_squared: jax.Array, coeffs: tuple[float, float, float]) -> jax.Array:
@@ -50,17 +38,27 @@ def step_polynomial(gram: jax.Array, gram_squared: jax.Array, coeffs: tuple[floa
 
 def newton_schulz_steps_reference(matrices: jax.Array, steps: int = 5,
                                   coeffs: tuple[float, float, float] = NS_COEFFS) -> jax.Array:
-  """The Newton-Schulz steps on normalized wide matrices [..., n, m] (n <= m), in their dtype.
+  """The Newton-Schulz steps on normalized matrices [..., n, m], in their dtype.
 
   Per step, every product accumulated in float32 and rounded once to X's dtype, as a plain bf16 implementation
-  does: A = X X^T; A A; P = a I + b A + c A A (formed in float32, rounded once); X <- P X.
+  does: A = X X^T; A A; P = a I + b A + c A A (formed in float32, rounded once); X <- P X. The Gram matrix is taken
+  on the short side: a tall X (n > m) takes A = X^T X and X <- X P, which is the same iteration on X^T (P is
+  symmetric) without moving X through a transpose.
   """
   dtype = matrices.dtype
+  tall = matrices.shape[-2] > matrices.shape[-1]
+  transpose = lambda x: jnp.swapaxes(x, -1, -2)
   for _ in range(steps):  # unrolled: `steps` is a small static int
-    gram = jnp.matmul(matrices, jnp.swapaxes(matrices, -1, -2), preferred_element_type=dtype)
+    if tall:
+      gram = jnp.matmul(transpose(matrices), matrices, preferred_element_type=dtype)
+    else:
+      gram = jnp.matmul(matrices, transpose(matrices), preferred_element_type=dtype)
     gram_squared = jnp.matmul(gram, gram, preferred_element_type=dtype)
     polynomial = step_polynomial(gram, gram_squared, coeffs).astype(dtype)
-    matrices = jnp.matmul(polynomial, matrices, preferred_element_type=dtype)
+    if tall:
+      matrices = jnp.matmul(matrices, polynomial, preferred_element_type=dtype)
+    else:
+      matrices = jnp.matmul(polynomial, matrices, preferred_element_type=dtype)
   return matrices
 
 
@@ -74,7 +72,7 @@ def newton_schulz_reference(
   """Approximate orthogonalization U V^T of x = U S V^T by a quintic Newton-Schulz iteration.
 
   Every step is a polynomial in X X^T applied to X, so it maps the singular values and keeps the singular vectors:
-  X <- a X + (b A + c A A) X with A = X X^T.
+  X <- a X + (b A + c A A) X with A = X X^T, after X0 = x / (||x||_F + eps).
 
   Args:
     x: [..., n, m]; leading axes are a batch of independent matrices (e.g. the experts of a stacked MoE weight).
@@ -88,8 +86,5 @@ def newton_schulz_reference(
   """
   if x.ndim < 2:
     raise ValueError(f'newton_schulz needs [..., n, m] matrices, got shape {x.shape}')
-  matrices, transposed = normalized_wide_matrices(x, eps, dtype)
-  matrices = newton_schulz_steps_reference(matrices, steps, coeffs)
-  if transposed:
-    matrices = jnp.swapaxes(matrices, -1, -2)
+  matrices = newton_schulz_steps_reference(normalized_matrices(x, eps, dtype), steps, coeffs)
   return matrices.astype(x.dtype)
