@@ -8,7 +8,7 @@ Timed (median of back-to-back jitted calls after warm-up, bench_common.time_ms; 
   * optax.contrib.muon on the same matrices (expert stacks as batches via dimension numbers, consistent_rms=0.2 so
                        the update scale is ours)
   * muonclip           the whole MuonClip update (Muon + AdamW over the full parameter tree)
-  * Newton-Schulz alone: the bf16 steps on the normalized stacks Muon builds (one batch per wide shape), whose
+  * Newton-Schulz alone: the bf16 steps on the normalized stacks Muon builds (one batch per shape), whose
     matmul FLOPs give its TFLOP/s against the bf16 matmul peak measured in the same run.
 The floor of the Muon step is Newton-Schulz's FLOPs at that peak plus one pass over the float32 state at the HBM
 bandwidth measured in the same run (a float32 copy): read G, M_{t-1}, W; write M_t and the update (5 x 4 bytes per
@@ -21,6 +21,7 @@ Checks in the same run: our first step (fp32 NS) equals optax's first step (thei
 from __future__ import annotations
 
 import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -166,7 +167,7 @@ def main(argv):
       '',
       f'Muon over {len(names)} parameters ({num_muon / 1e9:.3f}B, float32 parameters, gradients and momentum), '
       f'batched by shape for Newton-Schulz: {shapes}. Median of back-to-back jitted steps (not donated). '
-      'Produced by `python -m experiments.bench_optim`.',
+      f'Produced by `python -m experiments.bench_optim {" ".join(sys.argv[1:])}`.',
       '',
       '| candidate | ms / step | optax time / ours | bytes accessed (XLA cost analysis) |',
       '|---|---|---|---|',

@@ -114,15 +114,11 @@ def _ns_groups() -> dict[tuple[int, int], int]:
   return groups
 
 
-def _wide(shape: tuple[int, int]) -> tuple[int, int]:
-  """Newton-Schulz works on the wide orientation (a tall matrix is transposed)."""
-  return min(shape), max(shape)
-
-
 def _ns_flops(shape: tuple[int, int]) -> int:
-  """Matmul flops of Newton-Schulz on one matrix, [rows, cols] wide: per step X X^T, A A and P X."""
-  rows, cols = _wide(shape)
-  return NS_STEPS * (2 * rows * rows * cols + 2 * rows ** 3 + 2 * rows * rows * cols)
+  """Matmul flops of Newton-Schulz on one matrix [n, m], short side s, long side l: per step the Gram matrix of the
+  short side (2 s^2 l), its square (2 s^3) and the new X (2 s^2 l)."""
+  short, long = min(shape), max(shape)
+  return NS_STEPS * (2 * short * short * long + 2 * short ** 3 + 2 * short * short * long)
 
 
 def _dots(hlo: str) -> list[tuple[tuple[int, ...], int]]:
