@@ -96,7 +96,7 @@ def _peak_memory_gib(devices) -> float | None:
 def report(results: list[dict], config_name: str, seq_len: int, peak: float, seconds: float) -> list[str]:
   base = next((r for r in results if r.get('devices') == 1 and 'tokens_per_s' in r), None)
   lines = [
-      bench_common.section_title(f'Scale-out: {config_name} training on {jax.device_count()} GPUs'),
+      bench_common.section_title(f'Scale-out: {config_name} training on {jax.device_count()} devices'),
       '',
       f'One `train_step` (MuonClip, QK-Clip, router bias; bf16 compute) with {_MICRO.value} rows x {seq_len} tokens '
       f'per device per micro-step and {_ACCUM.value} micro-steps per update, parameters and optimizer state placed '

@@ -276,9 +276,9 @@ def muon(
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     run_steps = functools.partial(_steps_implementation(ns_impl), steps=ns_steps, coeffs=ns_coeffs)
 
-    # Three element-wise passes over the float32 state, each fused by XLA: momentum (reads G, M_{t-1}; writes M_t,
-    # and the norm of the direction), normalization (writes X0 in ns_dtype, stacked per shape) and the update
-    # (reads O_t in ns_dtype and W_{t-1}); Newton-Schulz works on the ns_dtype stacks in between.
+    # XLA fuses the element-wise work into three passes over the float32 state (H200 profile, BENCHMARKS.md): the
+    # directions' Frobenius norms (read G, M_{t-1}); the momentum with the normalized ns_dtype stacks (read G,
+    # M_{t-1}; write M_t and X0); the update (read O_t in ns_dtype and W_{t-1}). Newton-Schulz runs in between.
     def momentum_step(grad, momentum_buffer):
       new_momentum = momentum * momentum_buffer + grad  # M_t (promoted dtype, cast down only for storage)
       direction = momentum * new_momentum + grad if nesterov else new_momentum
