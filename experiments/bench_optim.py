@@ -34,7 +34,7 @@ from experiments.bench_common import capture_trace, matmul_peak, section_title, 
 from experiments.bench_common import write_section
 from k2 import model as model_lib
 from k2.config import get_config
-from k2.optim import muon, muonclip, param_labels
+from k2.optim import muon, muon_adamw, param_labels
 from k2.optim.muonclip import _matrix_shape
 from k2.optim.qk_clip import _path_string
 from pallas_kernels.newton_schulz import newton_schulz_steps_reference, normalized_matrices
@@ -138,7 +138,7 @@ def main(argv):
         for line, ms in profile[key][:20]:
           print(f'  {ms:8.2f}  {line}')
     del state
-  tx = muonclip(1e-3)
+  tx = muon_adamw(1e-3)
   state = tx.init(params)
   results['muonclip (Muon + AdamW)'] = time_ms(jax.jit(lambda g, s, p: tx.update(g, s, p)[0]), grads, state, params,
                                                iters=_ITERS.value)

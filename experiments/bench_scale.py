@@ -29,7 +29,7 @@ from experiments import bench_common
 from k2 import model as model_lib
 from k2 import sharding
 from k2.config import get_config
-from k2.optim import muonclip
+from k2.optim import muon_adamw
 from k2.train.step import StepSetup, init_state, train_step
 
 _MESHES = flags.DEFINE_string('meshes', "{'expert': 2};{'fsdp': 2}", 'Meshes to time after one GPU, ";"-separated.')
@@ -50,7 +50,7 @@ def run_mesh(axis_sizes: dict[str, int], config, seq_len: int, flops_per_token: 
   devices = jax.devices()[:math.prod(sharding.mesh_shape(axis_sizes).values())]
   mesh = sharding.make_mesh(axis_sizes, devices)
   rows = _MICRO.value * len(devices) * _ACCUM.value
-  tx = muonclip(bench_common.LEARNING_RATE)
+  tx = muon_adamw(bench_common.LEARNING_RATE)
   result = {'mesh': axis_sizes, 'devices': len(devices), 'rows': rows, 'seq_len': seq_len}
   with sharding.use_mesh(mesh):
     model = model_lib.create(config, seed=0)

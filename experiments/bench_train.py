@@ -56,7 +56,7 @@ from experiments.bench_common import (CODE, LEARNING_RATE, capture_trace, error_
 from k2 import model as model_lib
 from k2 import params as params_lib
 from k2.config import ModelConfig, get_config
-from k2.optim import muonclip
+from k2.optim import muon_adamw
 from k2.train.step import StepSetup, init_state, train_step
 
 _MODEL = flags.DEFINE_string('bench_model', 'k2_small', 'Model variant (--model is k2.params\' flag).')
@@ -116,7 +116,7 @@ def variant_config(variant: Variant, base: ModelConfig) -> ModelConfig:
 def lower(variant: Variant, base: ModelConfig, seq_len: int):
   """(setup, lowered step) from abstract shapes: nothing is allocated, so several can compile at once."""
   config = variant_config(variant, base)
-  tx = muonclip(LEARNING_RATE)
+  tx = muon_adamw(LEARNING_RATE)
   graphdef, state = jax.eval_shape(lambda: init_state(model_lib.create(config, seed=0), tx))
   setup = StepSetup(graphdef=graphdef, model_config=config, optimizer=tx,
                     schedule=optax.constant_schedule(LEARNING_RATE), qk_clip_tau=100.0, bias_update_rate=1e-3,

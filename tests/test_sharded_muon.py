@@ -21,7 +21,7 @@ from k2 import model as model_lib
 from k2 import sharding
 from k2.config import get_config
 from k2.optim import muon
-from k2.optim import muonclip
+from k2.optim import muon_adamw
 from k2.optim.muonclip import _matrix_shape
 from k2.optim.muonclip import param_labels
 from k2.optim.qk_clip import _path_string
@@ -71,10 +71,10 @@ def _two_steps(optimizer, params, grads_per_step):
 
 @functools.cache
 def _run(axes: tuple | None):
-  """muonclip (float32 Newton-Schulz) on k2_tiny, two steps: on one device (axes None), or with the parameters
+  """muon_adamw (float32 Newton-Schulz) on k2_tiny, two steps: on one device (axes None), or with the parameters
   sharded by k2.sharding's rules on the mesh of `axes` ((name, size) pairs, hashable for the cache), active, so
   Muon's shard_ns='auto' splits Newton-Schulz over it. Returns (updates per step, compiled update, params)."""
-  optimizer = muonclip(0.1, weight_decay=0.1, ns_impl='jnp', ns_dtype=jnp.float32)
+  optimizer = muon_adamw(0.1, weight_decay=0.1, ns_impl='jnp', ns_dtype=jnp.float32)
   if axes is None:
     params, grads = _params_and_grads()
     return (*_two_steps(optimizer, params, grads), params)
