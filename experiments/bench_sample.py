@@ -51,6 +51,8 @@ _MAX_PROMPT = flags.DEFINE_integer('max_prompt', 512, 'Rollout mix: longest prom
 _BUDGET = flags.DEFINE_float('budget_s', 1e9, 'Stop starting new parts after this many seconds.')
 _OUT = flags.DEFINE_string('out', 'BENCHMARKS_sample.md', 'Markdown file the results are written to.')
 _COMMIT = flags.DEFINE_string('commit', '', 'The code version to report (default: git rev-parse HEAD).')
+_IDENTICAL = flags.DEFINE_bool('identical_rows', False, 'The setup of the bench before 2026-12-01 (77ac251): an all-zero '
+                                'cache of --context slots and token 0 in every row, so all rows route alike.')
 _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny shapes, to check the script itself on a CPU.')
 
 
@@ -142,6 +144,8 @@ def time_decode(model, batch: int, bandwidth: float) -> dict:
   cache = [jax.random.normal(k, (batch, context + steps, att.kv_lora_rank + att.qk_rope_head_dim),
                              jnp.float32).astype(model.config.runtime.dtype) for k in keys]
   token = jnp.zeros((batch,), jnp.int32)
+  if _IDENTICAL.value:  # identical rows pick the same experts: far fewer weights read than a real batch
+    cache, context = model.init_cache(batch, context), context - steps - 1
   options = sample.DecodeOptions()
   begin = time.perf_counter()
   token, cache = jax.block_until_ready(_decode_loop(graphdef, state, cache, token, context, steps=steps,
