@@ -386,26 +386,35 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 
 def plot_qk_clip(results: dict):
-  """Top: max logit of every arm (largest head), clipped heads per step, loss. Bottom: each arm's per-layer max."""
+  """Top: max logit of every arm (largest head); MuonClip's around tau, with the forward of each step's final
+  weights; clipped heads per step; loss. Bottom: each arm's per-layer max."""
   import matplotlib.pyplot as plt
   tau, arms = results['tau'], results['arms']
-  fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), constrained_layout=True)
+  fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), constrained_layout=True)
   ax = axes[0, 0]
   for name, arm in arms.items():
-    ax.plot(arm['step'], arm['max_logit'], color=COLORS[name], label=f'{LABELS[name]}: step\'s forward', lw=1)
-    if 'max_logit_after_step' in arm:
-      ax.plot(arm['step'], arm['max_logit_after_step'], color=COLORS[name], ls=':', lw=1.2,
-              label=f'{LABELS[name]}: step\'s final weights, same batch')
+    ax.plot(arm['step'], arm['max_logit'], color=COLORS[name], label=LABELS[name], lw=1)
   ax.axhline(tau, color='k', ls='--', lw=1, label=f'tau = {tau:g}')
-  ax.set(title='max attention logit (largest head), measured', xlabel='step', ylabel='max logit', yscale='log')
+  ax.set(title='max attention logit (largest head), step\'s own forward', xlabel='step', ylabel='max logit',
+         yscale='log')
   ax.legend(fontsize=8)
   ax = axes[0, 1]
+  for name, arm in arms.items():
+    if 'max_logit_after_step' in arm:
+      ax.plot(arm['step'], arm['max_logit'], color=COLORS[name], lw=1,
+              label=f'{LABELS[name]}: step\'s own forward (weights of the step before, new batch)')
+      ax.plot(arm['step'], arm['max_logit_after_step'], color='tab:orange', lw=1, alpha=0.8,
+              label=f'{LABELS[name]}: the step\'s final weights on its own batch')
+  ax.axhline(tau, color='k', ls='--', lw=1, label=f'tau = {tau:g}')
+  ax.set(title='around tau: what the weights a step ended with produce', xlabel='step', ylabel='max logit')
+  ax.legend(fontsize=7, loc='lower right')
+  ax = axes[0, 2]
   for name, arm in arms.items():
     ax.plot(arm['step'], arm['clipped_heads'], color=COLORS[name], label=LABELS[name], lw=1)
   heads = results['config']['num_layers'] * results['config']['num_heads']
   ax.set(title=f'heads clipped per step (of {heads})', xlabel='step', ylabel='clipped heads')
   ax.legend(fontsize=8)
-  ax = axes[0, 2]
+  ax = axes[0, 3]
   window = max(1, len(next(iter(arms.values()))['step']) // 20)
   for name, arm in arms.items():
     ax.plot(arm['step'], smooth(arm['loss'], window), color=COLORS[name], lw=1,
@@ -422,6 +431,7 @@ def plot_qk_clip(results: dict):
     ax.set(title=f'{LABELS[name]}: max logit per layer (step\'s forward)', xlabel='step', ylabel='max logit',
            yscale='log', ylim=(0.9 * min(logits), 1.1 * max(logits)))
     ax.legend(fontsize=8)
+  fig.delaxes(axes[1, 3])
   fig.suptitle(f'QK-Clip ablation: {results["config"]["model"]}, peak lr {results["learning_rate"]:g}, '
                f'{results["config"]["num_steps"]} steps x {results["config"]["tokens_per_step"]} tokens')
   return fig

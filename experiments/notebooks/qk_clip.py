@@ -95,11 +95,11 @@ results = ablations.qk_clip_study(GIN_FILES, ROOT, PARALLEL)
 
 # %% [markdown]
 # ## Max logits, clipped heads, loss
-# Everything plotted is measured by a forward pass. Top left, solid: each step's largest logit (over all layers and
+# Everything plotted is measured by a forward pass. First panel: each step's largest logit (over all layers and
 # heads) in the step's own forward, before its update and clip; from step 2 on that is the weights the previous step
-# ended with, on a new batch. Dotted (MuonClip): a forward with the weights the step ended with (updated, then
-# clipped) on the step's own batch (`train.measure_max_logit_after_step`). Bottom: each layer's largest logit in the
-# step's own forward, per arm.
+# ended with, on a new batch. Second panel (MuonClip): the same series around tau, and a forward with the weights
+# the step ended with (updated, then clipped) on the step's own batch (`train.measure_max_logit_after_step`).
+# Bottom: each layer's largest logit in the step's own forward, per arm.
 
 # %%
 figure = ablations.plot_qk_clip(results)
