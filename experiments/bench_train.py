@@ -211,9 +211,8 @@ def memory_limit() -> int | None:
 
 
 def variant_config(variant: Variant, base: ModelConfig) -> ModelConfig:
-  return base.replace(remat_policy=variant.remat_policy,
-                      attention=dataclasses.replace(base.attention, attention_impl=variant.attention_impl),
-                      moe=dataclasses.replace(base.moe, matmul_impl=variant.matmul_impl))
+  return base.replace(remat_policy=variant.remat_policy, attention_impl=variant.attention_impl,
+                      matmul_impl=variant.matmul_impl)
 
 
 _LEARNING_RATE = 2e-4

@@ -4,14 +4,16 @@
     python -m experiments.chat --checkpoint WORKDIR/model --prompt "What is 17 * 23?" --tools calculator
 
 --checkpoint: a directory written by k2.convert.save_orbax (config.json + state/), e.g. the pretraining export.
---tokenizer: a `tokenizers` tokenizer.json or a tiktoken rank file (k2.data.tokenizer.load); without it, text is
-  UTF-8 bytes (ids 0-255) and the chat special tokens take ids 256, 257, ... in K2's order.
+--tokenizer: a `tokenizers` tokenizer.json or a tiktoken rank file (k2.data.tokenizer.load); by default the one
+  saved beside the model (the pretraining export holds it); with neither, text is UTF-8 bytes (ids 0-255) and the
+  chat special tokens take ids 256, 257, ... in K2's order.
 --tools: names from k2.chat.LOCAL_TOOLS; they are declared to the model, and each call it makes is run and its
   result appended as a tool message before the model continues (at most --max_tool_rounds times per turn).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
@@ -22,7 +24,8 @@ from k2 import chat, convert, hf, sample
 from k2.config import ConfigError
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Model directory written by k2.convert.save_orbax.')
-_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'tokenizer.json or tiktoken file; bytes when absent.')
+_TOKENIZER = flags.DEFINE_string('tokenizer', None, 'tokenizer.json or tiktoken file; default: the one in '
+                                 '--checkpoint, else bytes.')
 _PROMPT = flags.DEFINE_string('prompt', None, 'One user message: answer it and exit (no interactive loop).')
 _SYSTEM = flags.DEFINE_string('system', None, 'System prompt (K2 default when absent).')
 _TOOLS = flags.DEFINE_list('tools', [], f'Local tools to offer: {", ".join(chat.LOCAL_TOOLS)}.')
@@ -47,7 +50,17 @@ class ByteTokenizer:
     return bytes(i for i in ids if 0 <= i < 256).decode('utf-8', errors='replace')
 
 
-def load_tokenizer(path: str | None) -> chat.Tokenizer:
+MODEL_TOKENIZER_FILES = ('tokenizer.json', 'tiktoken.model')  # what k2.train.recipe.export_model writes
+
+
+def load_tokenizer(path: str | None, model_dir: str | None = None) -> chat.Tokenizer:
+  """The tokenizer file `path`, else the one saved in `model_dir`, else bytes (with a warning)."""
+  if path is None and model_dir is not None:
+    saved = [os.path.join(model_dir, name) for name in MODEL_TOKENIZER_FILES
+             if os.path.isfile(os.path.join(model_dir, name))]
+    path = saved[0] if saved else None
+    if path is None:
+      print(f'warning: {model_dir} holds no tokenizer; using UTF-8 bytes (pass --tokenizer)', file=sys.stderr)
   if path is None:
     return ByteTokenizer()
   from k2.data import tokenizer as tokenizer_lib  # imported here: it pulls in tiktoken / tokenizers
@@ -105,7 +118,7 @@ def main(argv):
   if unknown:
     sys.exit(f'error: unknown tools {unknown}; available: {", ".join(chat.LOCAL_TOOLS)}')
   try:
-    tokenizer = load_tokenizer(_TOKENIZER.value)
+    tokenizer = load_tokenizer(_TOKENIZER.value, _CHECKPOINT.value)
     chat.check_tokenizer(tokenizer)
     model = convert.load_orbax(_CHECKPOINT.value, dtype=jnp.dtype(_DTYPE.value))
   except (ConfigError, hf.CheckpointError, ValueError, OSError) as e:

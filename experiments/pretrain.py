@@ -1,4 +1,4 @@
-"""Pretraining launcher: gin files + bindings -> k2.train.trainer.train(workdir).
+"""Pretraining launcher: gin files + bindings -> k2.train.pretrain.train(workdir).
 
     python -m experiments.pretrain --gin_file=configs/pretrain/tiny.gin --workdir=/tmp/k2_tiny \
         [--gin_bindings="NUM_STEPS = 50"] [--gin_bindings="MESH = {'fsdp': 2}"]
@@ -12,9 +12,7 @@ import sys
 import gin
 from absl import app, flags, logging
 
-from k2 import distributed
 from k2.config import ConfigError
-from k2.train import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _GIN_FILE = flags.DEFINE_multi_string('gin_file', ['configs/pretrain/tiny.gin'], 'Gin config files.')
@@ -40,9 +38,10 @@ def parse_gin(files, bindings) -> None:
 
 def run(gin_files, gin_bindings, workdir: str) -> dict:
   """Parses the config and trains; any configuration problem exits with a one-line `error: ...`."""
+  from k2.train import pretrain  # registers the stage's gin configurables (and imports JAX, grain, TFDS)
   parse_gin(gin_files, gin_bindings)
   try:
-    return trainer.train(workdir)
+    return pretrain.train(workdir)
   except ConfigError as e:  # gin appends 'In call to configurable ...' lines
     sys.exit(f'error: {str(e).splitlines()[0]}')
 
@@ -51,6 +50,9 @@ def main(argv):
   del argv
   if not flags.FLAGS['verbosity'].present:  # orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
+  print(f'k2 pretraining: {" ".join(_GIN_FILE.value)} -> {_WORKDIR.value} (loading JAX, the data and the config)',
+        flush=True)
+  from k2 import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   run(_GIN_FILE.value, _GIN_BINDINGS.value, _WORKDIR.value)
 

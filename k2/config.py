@@ -1,6 +1,8 @@
 """Model configurations: one frozen dataclass per component, composed into `ModelConfig`.
 
-Named variants (`k2_full`, `k2_small`, `k2_tiny`) live in `VARIANTS`; `get_config(name)` returns one. Numbers for
+The architecture (MLAConfig, MoEConfig, RopeConfig and ModelConfig's own fields) says what a checkpoint stores;
+`RuntimeConfig` says how the model computes (kernels, rematerialization, compute dtype), so a checkpoint restores
+under any runtime. Named variants (`k2_full`, `k2_small`, `k2_tiny`) live in `VARIANTS`; `get_config(name)` returns one. Numbers for
 `k2_full` are `shared/K2_REFERENCE.md` section 1 (the Kimi K2 technical report, arXiv 2507.20534).
 """
 
@@ -49,10 +51,6 @@ class MLAConfig:
   qk_nope_head_dim: int
   qk_rope_head_dim: int
   v_head_dim: int
-  rms_norm_eps: float = 1e-6
-  # 'reference' materializes the logits (k2.attention.attention_reference); 'flash' is the Pallas kernel in
-  # pallas_kernels/flash_attention; 'auto' picks flash on GPU/TPU and reference on CPU.
-  attention_impl: str = 'auto'
 
   @property
   def qk_head_dim(self) -> int:
@@ -72,6 +70,17 @@ class MoEConfig:
   topk_group: int = 1
   norm_topk_prob: bool = True
   balance_loss_weight: float = 0.0  # sequence-wise balance loss (DeepSeek-V3 eq. 17-20); off by default
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+  """How the model computes, not what it stores: a checkpoint restores under any of these (resume with another
+  kernel choice). Each layer gets the switches it uses as constructor arguments."""
+  # Compute dtype (activations, matmul inputs); parameters are stored in ModelConfig.param_dtype.
+  dtype: str = 'bfloat16'
+  # 'reference' materializes the logits (k2.attention.attention_reference); 'flash' is the Pallas kernel in
+  # pallas_kernels/flash_attention; 'auto' picks flash on GPU/TPU and reference on CPU.
+  attention_impl: str = 'auto'
   # 'ragged_dot' is jax.lax.ragged_dot; 'pallas' is pallas_kernels/grouped_matmul; 'auto' picks pallas on GPU/TPU.
   matmul_impl: str = 'auto'
   # Expert parallelism (a mesh with an 'expert' axis > 1, k2.moe.expert_parallel): 'ragged' is dropless
@@ -80,11 +89,18 @@ class MoEConfig:
   # on CPU (XLA:CPU has no ragged all-to-all) capacity with buffers that hold every copy.
   ep_impl: str = 'auto'
   ep_capacity_factor: float = 1.25
+  # Activation rematerialization per decoder layer: 'none', 'full' (recompute everything in the backward pass),
+  # or 'dots' (keep matmul outputs, recompute norms and elementwise ops; K2 recomputes selectively, report 3).
+  remat_policy: str = 'none'
+
+
+# ModelConfig's components, in the order `ModelConfig.replace` looks a flat field name up in them.
+COMPONENTS = ('runtime', 'attention', 'moe', 'rope')
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """A whole K2-family decoder. `dtype` is the compute dtype, `param_dtype` the storage dtype."""
+  """A whole K2-family decoder: the architecture (`param_dtype` is the storage dtype) and its `runtime`."""
   vocab_size: int
   num_layers: int
   first_k_dense: int
@@ -92,12 +108,9 @@ class ModelConfig:
   attention: MLAConfig
   moe: MoEConfig
   rope: RopeConfig
-  rms_norm_eps: float = 1e-6
-  dtype: str = 'bfloat16'
+  rms_norm_eps: float = 1e-6  # every RMSNorm: the layers', the final one and MLA's latent norms
   param_dtype: str = 'float32'
-  # Activation rematerialization per decoder layer: 'none', 'full' (recompute everything in the backward pass),
-  # or 'dots' (keep matmul outputs, recompute norms and elementwise ops; K2 recomputes selectively, report 3).
-  remat_policy: str = 'none'
+  runtime: RuntimeConfig = RuntimeConfig()
 
   def __post_init__(self):
     validate(self)
@@ -110,13 +123,41 @@ class ModelConfig:
   def num_moe_layers(self) -> int:
     return self.num_layers - self.first_k_dense
 
+  @property
+  def dtype(self) -> str:
+    """The compute dtype, runtime.dtype."""
+    return self.runtime.dtype
+
+  def architecture(self) -> dict:
+    """The fields that say what a checkpoint stores (everything but `runtime`), as nested dicts."""
+    fields = dataclasses.asdict(self)
+    del fields['runtime']
+    return fields
+
   def replace(self, **changes) -> 'ModelConfig':
-    return dataclasses.replace(self, **changes)
+    """A copy with fields changed by name: a component (attention=MLAConfig(...)), a top-level field
+    (param_dtype='bfloat16') or a field of a component (attention_impl='flash' sets runtime.attention_impl,
+    num_experts=16 sets moe.num_experts; hidden_size sets it in attention and moe). Gin's
+    `model_config.attention_impl = ...` and `get_config(name, attention_impl=...)` come here."""
+    top = {f.name for f in dataclasses.fields(ModelConfig)}
+    nested: dict[str, dict] = {}
+    for key, value in changes.items():
+      if key in top:
+        continue
+      owners = [part for part in COMPONENTS if key in {f.name for f in dataclasses.fields(getattr(self, part))}]
+      if not owners:
+        raise ConfigError(f'unknown model config field {key!r}')
+      for part in owners:
+        nested.setdefault(part, {})[key] = value
+    fields = {key: value for key, value in changes.items() if key in top}
+    fields.update({part: dataclasses.replace(fields.get(part, getattr(self, part)), **values)
+                   for part, values in nested.items()})
+    return dataclasses.replace(self, **fields)
 
 
 def validate(config: ModelConfig) -> None:
   """Raises ConfigError naming the first inconsistency in `config`."""
-  att, moe, rope = config.attention, config.moe, config.rope
+  att, moe, rope, runtime = config.attention, config.moe, config.rope, config.runtime
   positive = {
       'vocab_size': config.vocab_size, 'num_layers': config.num_layers,
       'hidden_size': att.hidden_size, 'num_heads': att.num_heads, 'kv_lora_rank': att.kv_lora_rank,
@@ -151,19 +192,19 @@ def validate(config: ModelConfig) -> None:
   if moe.n_group > 1 and moe.topk_group * (moe.num_experts // moe.n_group) < moe.num_experts_per_token:
     raise ConfigError(f'topk_group={moe.topk_group} groups of {moe.num_experts // moe.n_group} experts cannot '
                       f'hold num_experts_per_token={moe.num_experts_per_token}')
-  if att.attention_impl not in ('auto', 'reference', 'flash'):
-    raise ConfigError(f"attention_impl must be 'auto', 'reference' or 'flash', got {att.attention_impl!r}")
-  if moe.matmul_impl not in ('auto', 'ragged_dot', 'pallas'):
-    raise ConfigError(f"matmul_impl must be 'auto', 'ragged_dot' or 'pallas', got {moe.matmul_impl!r}")
-  if moe.ep_impl not in ('auto', 'ragged', 'capacity'):
-    raise ConfigError(f"ep_impl must be 'auto', 'ragged' or 'capacity', got {moe.ep_impl!r}")
-  if not moe.ep_capacity_factor > 0:
-    raise ConfigError(f'ep_capacity_factor must be positive, got {moe.ep_capacity_factor!r}')
-  if config.remat_policy not in ('none', 'full', 'dots'):
-    raise ConfigError(f"remat_policy must be 'none', 'full' or 'dots', got {config.remat_policy!r}")
-  for name in ('dtype', 'param_dtype'):
-    if getattr(config, name) not in ('float32', 'bfloat16', 'float16'):
-      raise ConfigError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(config, name)!r}")
+  if runtime.attention_impl not in ('auto', 'reference', 'flash'):
+    raise ConfigError(f"attention_impl must be 'auto', 'reference' or 'flash', got {runtime.attention_impl!r}")
+  if runtime.matmul_impl not in ('auto', 'ragged_dot', 'pallas'):
+    raise ConfigError(f"matmul_impl must be 'auto', 'ragged_dot' or 'pallas', got {runtime.matmul_impl!r}")
+  if runtime.ep_impl not in ('auto', 'ragged', 'capacity'):
+    raise ConfigError(f"ep_impl must be 'auto', 'ragged' or 'capacity', got {runtime.ep_impl!r}")
+  if not runtime.ep_capacity_factor > 0:
+    raise ConfigError(f'ep_capacity_factor must be positive, got {runtime.ep_capacity_factor!r}')
+  if runtime.remat_policy not in ('none', 'full', 'dots'):
+    raise ConfigError(f"remat_policy must be 'none', 'full' or 'dots', got {runtime.remat_policy!r}")
+  for name, value in (('dtype', runtime.dtype), ('param_dtype', config.param_dtype)):
+    if value not in ('float32', 'bfloat16', 'float16'):
+      raise ConfigError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {value!r}")
   if rope.yarn is not None and rope.yarn.factor <= 0:
     raise ConfigError(f'yarn factor must be positive, got {rope.yarn.factor}')
 
@@ -174,24 +215,21 @@ def make_config(*, vocab_size: int, hidden_size: int, num_layers: int, first_k_d
                 num_experts_per_token: int, num_shared_experts: int, expert_intermediate_size: int,
                 routed_scaling_factor: float, rope_theta: float, max_position_embeddings: int,
                 yarn: YarnConfig | None = None, n_group: int = 1, topk_group: int = 1, norm_topk_prob: bool = True,
-                rms_norm_eps: float = 1e-6, balance_loss_weight: float = 0.0, dtype: str = 'bfloat16',
-                param_dtype: str = 'float32', attention_impl: str = 'auto', matmul_impl: str = 'auto',
-                ep_impl: str = 'auto', ep_capacity_factor: float = 1.25) -> ModelConfig:
-  """Builds a ModelConfig from flat fields (the shape a checkpoint's config.json or a gin file has)."""
+                rms_norm_eps: float = 1e-6, balance_loss_weight: float = 0.0, param_dtype: str = 'float32',
+                runtime: RuntimeConfig = RuntimeConfig()) -> ModelConfig:
+  """Builds a ModelConfig from flat architecture fields (the shape a checkpoint's config.json has)."""
   return ModelConfig(
       vocab_size=vocab_size, num_layers=num_layers, first_k_dense=first_k_dense,
-      dense_intermediate_size=dense_intermediate_size, rms_norm_eps=rms_norm_eps, dtype=dtype,
-      param_dtype=param_dtype,
+      dense_intermediate_size=dense_intermediate_size, rms_norm_eps=rms_norm_eps, param_dtype=param_dtype,
+      runtime=runtime,
       attention=MLAConfig(
           hidden_size=hidden_size, num_heads=num_heads, q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank,
-          qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim,
-          rms_norm_eps=rms_norm_eps, attention_impl=attention_impl),
+          qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim),
       moe=MoEConfig(
           hidden_size=hidden_size, num_experts=num_experts, num_experts_per_token=num_experts_per_token,
           num_shared_experts=num_shared_experts, expert_intermediate_size=expert_intermediate_size,
           routed_scaling_factor=routed_scaling_factor, n_group=n_group, topk_group=topk_group,
-          norm_topk_prob=norm_topk_prob, balance_loss_weight=balance_loss_weight, matmul_impl=matmul_impl,
-          ep_impl=ep_impl, ep_capacity_factor=ep_capacity_factor),
+          norm_topk_prob=norm_topk_prob, balance_loss_weight=balance_loss_weight),
       rope=RopeConfig(head_dim=qk_rope_head_dim, theta=rope_theta,
                       max_position_embeddings=max_position_embeddings, yarn=yarn),
   )
@@ -228,32 +266,19 @@ def k2_tiny() -> ModelConfig:
       num_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
       v_head_dim=32, num_experts=8, num_experts_per_token=2, num_shared_experts=1,
       expert_intermediate_size=96, routed_scaling_factor=2.827, rope_theta=50000.0,
-      max_position_embeddings=1024, dtype='float32')
+      max_position_embeddings=1024, runtime=RuntimeConfig(dtype='float32'))
 
 
 VARIANTS = {'k2_full': k2_full, 'k2_small': k2_small, 'k2_tiny': k2_tiny}
 
 
 def get_config(name: str, **overrides) -> ModelConfig:
-  """Returns the named variant with field overrides, top-level (dtype='float32') or of one component
-  (attention_impl='reference' sets config.attention.attention_impl, num_experts=16 sets config.moe.num_experts)."""
+  """Returns the named variant with field overrides by name (`ModelConfig.replace`: dtype='float32' sets
+  runtime.dtype, num_experts=16 sets moe.num_experts)."""
   if name not in VARIANTS:
     raise ConfigError(f'unknown model {name!r}; known models: {", ".join(sorted(VARIANTS))}')
   config = VARIANTS[name]()
-  top = {f.name for f in dataclasses.fields(ModelConfig)}
-  nested: dict[str, dict] = {}
-  for key, value in overrides.items():
-    if key in top:
-      continue
-    owners = [part for part in ('attention', 'moe', 'rope') if key in
-              {f.name for f in dataclasses.fields(getattr(config, part))}]
-    if not owners:
-      raise ConfigError(f'unknown model config field {key!r}')
-    for part in owners:
-      nested.setdefault(part, {})[key] = value
-  changes = {k: v for k, v in overrides.items() if k in top}
-  changes.update({part: dataclasses.replace(getattr(config, part), **fields) for part, fields in nested.items()})
-  return config.replace(**changes) if changes else config
+  return config.replace(**overrides) if overrides else config
 
 
 def yarn_mscale(factor: float, mscale: float | None = 1.0) -> float:

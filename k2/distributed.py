@@ -3,7 +3,7 @@
 `initialize()` starts it when this process is one of several, from explicit flags or from the environment
 (`jax.distributed.initialize` itself detects TPU pods, SLURM and Open MPI). After it, `jax.devices()` lists every
 chip of the job, meshes span hosts, each process feeds its share of the batch
-(`jax.make_array_from_process_local_data` in k2.train.trainer) and orbax writes and restores checkpoints sharded.
+(`jax.make_array_from_process_local_data` in k2.train.loop) and orbax writes and restores checkpoints sharded.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from absl import logging
 from flax import nnx
 
 from k2 import model as model_lib
-from k2.config import ConfigError, ModelConfig, YarnConfig, make_config
+from k2.config import ConfigError, ModelConfig, RuntimeConfig, YarnConfig, make_config
 
 
 class CheckpointError(ValueError):
@@ -84,7 +84,7 @@ def config_from_hf(hf: dict, *, dtype: str = 'bfloat16', param_dtype: str = 'flo
       rope_theta=float(rope_theta), max_position_embeddings=get('max_position_embeddings'), yarn=yarn,
       n_group=hf.get('n_group') or 1, topk_group=hf.get('topk_group') or 1,
       norm_topk_prob=bool(hf.get('norm_topk_prob', True)), rms_norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
-      dtype=dtype, param_dtype=param_dtype)
+      param_dtype=param_dtype, runtime=RuntimeConfig(dtype=dtype))
 
 
 def config_to_hf(config: ModelConfig) -> dict:

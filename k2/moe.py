@@ -11,7 +11,7 @@ trainer nudges it toward balance from the expert loads this layer reports.
 Expert parallelism: inside `sharding.use_mesh(mesh)` with an 'expert' axis of size ep > 1, the routed experts run
 in `jax.shard_map` (`expert_parallel`): each device routes its own tokens, sends each (token, expert) copy to the
 device that owns the expert (expert stacks are split into ep blocks of E/ep experts) with an all-to-all, runs its
-local experts, and sends the results back. `MoEConfig.ep_impl` picks the exchange: 'ragged' (dropless,
+local experts, and sends the results back. `ep_impl` (RuntimeConfig) picks the exchange: 'ragged' (dropless,
 `jax.lax.ragged_all_to_all`, GPU/TPU) or 'capacity' (fixed [ep, capacity, D] buffers and `jax.lax.all_to_all`;
 copies beyond capacity are dropped and counted in aux['dropped_tokens']); 'auto' is ragged on GPU/TPU and, on CPU
 (XLA:CPU has no ragged all-to-all), the capacity exchange with buffers large enough never to drop, so the default
@@ -61,7 +61,7 @@ def route(x: jax.Array, router_kernel: jax.Array, router_bias: jax.Array, config
 def grouped_matmul(x: jax.Array, weights: jax.Array, group_sizes: jax.Array, impl: str = 'auto') -> jax.Array:
   """Rows of x, sorted by expert, times their expert's matrix. x: [M, A], weights: [E, A, B] -> [M, B].
 
-  impl (MoEConfig.matmul_impl): 'ragged_dot' is jax.lax.ragged_dot; 'pallas' is the Pallas kernel of
+  impl (RuntimeConfig.matmul_impl): 'ragged_dot' is jax.lax.ragged_dot; 'pallas' is the Pallas kernel of
   pallas_kernels/grouped_matmul (compiled on GPU/TPU, interpreted on CPU); 'auto' is pallas on GPU/TPU and
   ragged_dot on CPU. On an H200, at K2's expert shapes the kernel runs at ~0.8x a dense bf16 matmul and ~25x
   ragged_dot (BENCHMARKS.md, bench_moe).
@@ -208,10 +208,12 @@ def _as_tuple(entry) -> tuple[str, ...]:
 
 
 def expert_parallel(x: jax.Array, gates: jax.Array, expert_ids: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                    w_down: jax.Array, config: MoEConfig, mesh: Mesh, rules=sharding.DEFAULT_RULES,
+                    w_down: jax.Array, mesh: Mesh, rules=sharding.DEFAULT_RULES, *, ep_impl: str = 'auto',
+                    capacity_factor: float = 1.25, matmul_impl: str = 'auto',
                     ragged_all_to_all=jax.lax.ragged_all_to_all):
   """The routed experts split over the mesh's 'expert' axis. x: [N, D], gates/expert_ids: [N, K], w_gate/w_up:
   [E, D, F], w_down: [E, F, D] -> (y [N, D], dropped [] int32: (token, expert) copies dropped over the batch).
+  ep_impl, capacity_factor, matmul_impl: RuntimeConfig's ep_impl, ep_capacity_factor and matmul_impl.
 
   Tokens are split over the batch axes the rules give 'tokens' (which must include 'expert'), expert stacks over
   'expert' (and F over the axes 'mlp' maps to, e.g. 'tensor': the down projection's partial sums are psum-ed);
@@ -221,7 +223,7 @@ def expert_parallel(x: jax.Array, gates: jax.Array, expert_ids: jax.Array, w_gat
   num_experts, width, inner = w_gate.shape
   num_shards = mesh.shape[EXPERT_AXIS]
   _check_expert_axis(num_experts, mesh)
-  impl, capacity_factor = config.ep_impl, config.ep_capacity_factor
+  impl = ep_impl
   if impl == 'auto':  # dropless everywhere: on CPU, a capacity exchange whose buffers hold every local copy
     impl, capacity_factor = ('capacity', num_shards) if mesh.devices.flat[0].platform == 'cpu' else ('ragged', 0)
   if impl == 'ragged' and ragged_all_to_all is jax.lax.ragged_all_to_all and mesh.devices.flat[0].platform == 'cpu':
@@ -242,7 +244,7 @@ def expert_parallel(x: jax.Array, gates: jax.Array, expert_ids: jax.Array, w_gat
     def expert_fn(rows, local_ids):  # received rows in arrival order; local_ids == local_experts: empty slot
       order = jnp.argsort(local_ids, stable=True)  # empty slots sort last, past sum(group_sizes): output zero
       group_sizes = jnp.bincount(local_ids, length=local_experts).astype(jnp.int32)
-      out = expert_ffn(jnp.take(rows, order, axis=0), group_sizes, w_gate, w_up, w_down, config.matmul_impl)
+      out = expert_ffn(jnp.take(rows, order, axis=0), group_sizes, w_gate, w_up, w_down, matmul_impl)
       out = jax.lax.psum(out, mlp_axes) if mlp_axes else out  # F split over 'mlp' axes: sum the partial products
       return jnp.zeros_like(out).at[order].set(out)
     flat_ids = expert_ids.reshape(-1)
@@ -286,10 +288,13 @@ class MoE(nnx.Module):
 
   expert_load counts every routed (token, expert) copy over the whole batch; dropped_tokens the copies the
   capacity exchange of expert parallelism dropped (0 otherwise); balance_loss only when its weight is > 0.
+  matmul_impl, ep_impl, ep_capacity_factor: how the experts compute and travel (RuntimeConfig's fields).
   """
 
-  def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.float32):
+  def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+               matmul_impl: str = 'auto', ep_impl: str = 'auto', ep_capacity_factor: float = 1.25):
     self.config, self.dtype = config, dtype
+    self.matmul_impl, self.ep_impl, self.ep_capacity_factor = matmul_impl, ep_impl, ep_capacity_factor
     c, p = config, param_dtype
     self.router = sharding.param(rngs, (c.hidden_size, c.num_experts), ('embed', None), p)
     self.router_bias = RouterBias(jnp.zeros((c.num_experts,), jnp.float32), logical_axes=(None,))
@@ -315,7 +320,7 @@ class MoE(nnx.Module):
     sorted_x = permute_rows(jnp.repeat(x, top_k, axis=0), order, inverse)
     w = lambda param: param[...].astype(self.dtype)
     sorted_y = expert_ffn(sorted_x, group_sizes, w(self.gate_proj), w(self.up_proj), w(self.down_proj),
-                          self.config.matmul_impl)
+                          self.matmul_impl)
     y = permute_rows(sorted_y, inverse, order).reshape(num_tokens, top_k, -1)
     return jnp.einsum('NKD,NK->ND', y, gates.astype(y.dtype))
 
@@ -328,7 +333,8 @@ class MoE(nnx.Module):
     if expert_mesh is not None:
       w = lambda param: param[...].astype(self.dtype)
       y, dropped = expert_parallel(flat, gates, expert_ids, w(self.gate_proj), w(self.up_proj), w(self.down_proj),
-                                   self.config, *expert_mesh)
+                                   *expert_mesh, ep_impl=self.ep_impl, capacity_factor=self.ep_capacity_factor,
+                                   matmul_impl=self.matmul_impl)
     else:
       y, dropped = self.routed_experts(flat, gates, expert_ids), jnp.zeros((), jnp.int32)
     y = y.reshape(batch, seq_len, hidden_size)

@@ -1,4 +1,4 @@
-"""Per-chip memory plan for training a K2 model on a mesh, from abstract shapes and the sharding rules.
+r"""Per-chip memory plan for training a K2 model on a mesh, from abstract shapes and the sharding rules.
 
     python -m k2.plan --model k2_full --mesh "{'data': 1, 'fsdp': 256, 'expert': 16, 'tensor': 1}" \
         --chips 4096 --hbm_gib 95 --batch 16384 --seq 4096 --grad_accum 1 --remat full
@@ -111,7 +111,7 @@ def layer_activations(config: ModelConfig, rows: int, seq: int, is_moe: bool) ->
   Returns (name, shape, logical_axes, bytes per element, policies that keep it); the layer input is kept by
   every policy, the rest as the module docstring says."""
   att, moe = config.attention, config.moe
-  act = jnp.dtype(config.dtype).itemsize
+  act = jnp.dtype(config.runtime.dtype).itemsize
   d, heads, qk = config.hidden_size, att.num_heads, att.qk_head_dim
   tokens = rows * seq
   bsd = ('batch', 'seq', 'act_embed')
@@ -189,7 +189,7 @@ def plan(config: ModelConfig, axis_sizes: Mapping[str, int], *, batch: int, seq:
   """
   sizes = sharding.mesh_shape(axis_sizes)
   chips = math.prod(sizes.values())
-  remat = config.remat_policy if remat is None else remat
+  remat = config.runtime.remat_policy if remat is None else remat
   if remat not in ('none', 'full', 'dots'):
     raise ConfigError(f"remat must be 'none', 'full' or 'dots', got {remat!r}")
   if config.moe.num_experts % sizes['expert']:
@@ -217,7 +217,7 @@ def plan(config: ModelConfig, axis_sizes: Mapping[str, int], *, batch: int, seq:
   unsharded = dict.fromkeys(('params', 'grads', 'opt_state', 'buffers'), 0)
   replicated: dict[str, int] = {}
   gathered_by_layer: dict[tuple, int] = {}
-  act_bytes = jnp.dtype(config.dtype).itemsize
+  act_bytes = jnp.dtype(config.runtime.dtype).itemsize
   for path, variable in nnx.to_flat_state(nnx.state(model)):
     shape, nbytes = tuple(variable.shape), jnp.dtype(variable.dtype).itemsize
     logical_axes = variable.get_metadata().get('logical_axes') or (None,) * len(shape)

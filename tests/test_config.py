@@ -1,12 +1,18 @@
-"""Named variants, config validation and parameter counts."""
+"""Named variants, config validation, runtime switches apart from the architecture, and parameter counts."""
 
 import subprocess
 import sys
 
+import grain
+import jax
+import numpy as np
 import pytest
+from flax import nnx
 
+from k2 import model as model_lib
 from k2 import params
-from k2.config import ConfigError, get_config, make_config
+from k2.config import ConfigError, RuntimeConfig, get_config, make_config
+from k2.train.checkpoint import Checkpointer
 
 
 def closed_form_count(c):
@@ -90,3 +96,39 @@ def test_inconsistent_config_is_named(change, message):
 def test_unknown_model_name():
   with pytest.raises(ConfigError, match="unknown model 'k2_huge'"):
     get_config('k2_huge')
+
+
+def test_overrides_reach_their_component():
+  config = get_config('k2_tiny', attention_impl='flash', remat_policy='dots', dtype='bfloat16', num_experts=16,
+                      hidden_size=64, rms_norm_eps=1e-5)
+  assert config.runtime == RuntimeConfig(dtype='bfloat16', attention_impl='flash', remat_policy='dots')
+  assert (config.moe.num_experts, config.attention.hidden_size, config.moe.hidden_size) == (16, 64, 64)
+  assert config.rms_norm_eps == 1e-5 and not hasattr(config.attention, 'rms_norm_eps')
+  assert 'runtime' not in config.architecture()
+  with pytest.raises(ConfigError, match="unknown model config field 'num_expert'"):
+    get_config('k2_tiny', num_expert=16)
+  with pytest.raises(ConfigError, match="ep_impl must be 'auto', 'ragged' or 'capacity', got 'x'"):
+    get_config('k2_tiny', ep_impl='x')
+
+
+def test_checkpoint_restores_under_another_runtime(tmp_path):
+  """Kernels, remat, expert exchange and compute dtype are no part of what a checkpoint stores."""
+  saved_config = get_config('k2_tiny', vocab_size=64, num_layers=2, attention_impl='reference', remat_policy='none',
+                            ep_impl='capacity', matmul_impl='ragged_dot', dtype='float32')
+  params_state = nnx.state(model_lib.create(saved_config), nnx.Param)
+  checkpointer = Checkpointer(str(tmp_path), every=1, async_save=False)
+  data = iter(grain.MapDataset.source(list(range(4))).to_iter_dataset())
+  assert checkpointer.save(1, params_state, data, saved_config, force=True)
+  checkpointer.wait()
+  resumed_config = saved_config.replace(attention_impl='flash', remat_policy='dots', ep_impl='ragged',
+                                        ep_capacity_factor=2.0, matmul_impl='pallas', dtype='bfloat16')
+  checkpointer.check_compatible(resumed_config)
+  target = nnx.state(model_lib.abstract(resumed_config), nnx.Param)
+  restored = checkpointer.restore(1, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), target), data)
+  for (path, saved), (_, value) in zip(nnx.to_flat_state(params_state), nnx.to_flat_state(restored)):
+    np.testing.assert_array_equal(np.asarray(value.get_value()), np.asarray(saved.get_value()), err_msg=str(path))
+  for change, field in (({'num_layers': 3}, 'num_layers'), ({'rms_norm_eps': 1e-5}, 'rms_norm_eps'),
+                        ({'param_dtype': 'bfloat16'}, 'param_dtype')):
+    with pytest.raises(ConfigError, match=f'different model .*{field}'):
+      checkpointer.check_compatible(saved_config.replace(**change))
+  checkpointer.close()

@@ -23,8 +23,9 @@ BATCH_AXES = ('data', 'fsdp', 'expert')
 MESHES = [{'expert': 8}, {'data': 2, 'expert': 4}, {'fsdp': 2, 'expert': 2, 'tensor': 2}]
 
 
-def make_moe(config=CONFIG, skew=False):
-  moe = MoE(config, rngs=nnx.Rngs(0), dtype=jnp.float32)
+def make_moe(config=CONFIG, skew=False, **runtime):
+  """runtime: MoE's ep_impl / ep_capacity_factor / matmul_impl."""
+  moe = MoE(config, rngs=nnx.Rngs(0), dtype=jnp.float32, **runtime)
   if skew:  # nearly every token picks expert 3 (sigmoid scores lie in (0, 1))
     moe.router_bias[...] = jnp.zeros(config.num_experts).at[3].set(10.0)
   return moe
@@ -87,14 +88,13 @@ def expert_ffn_numpy(moe, x, expert):
 
 def test_capacity_exchange_drops_and_counts_the_copies_past_capacity():
   axes, capacity_factor = {'data': 2, 'expert': 4}, 0.5
-  config = dataclasses.replace(CONFIG, ep_impl='capacity', ep_capacity_factor=capacity_factor)
-  moe, x = make_moe(config, skew=True), inputs()
-  flat = np.asarray(x, np.float64).reshape(-1, config.hidden_size)
-  gates, expert_ids, _ = map(np.asarray, route(x.reshape(-1, config.hidden_size), moe.router[...],
-                                                moe.router_bias[...], config))
+  moe, x = make_moe(skew=True, ep_impl='capacity', ep_capacity_factor=capacity_factor), inputs()
+  flat = np.asarray(x, np.float64).reshape(-1, CONFIG.hidden_size)
+  gates, expert_ids, _ = map(np.asarray, route(x.reshape(-1, CONFIG.hidden_size), moe.router[...],
+                                                moe.router_bias[...], CONFIG))
   # Hand count: the batch splits into 8 contiguous blocks of 16 tokens (data-major); each block sends its copies,
   # sorted by (expert, token), to shard expert // 2; the first `capacity` copies per shard are kept.
-  num_shards, top_k, blocks = 4, config.num_experts_per_token, 8
+  num_shards, top_k, blocks = 4, CONFIG.num_experts_per_token, 8
   local_tokens = flat.shape[0] // blocks
   capacity = math.ceil(capacity_factor * local_tokens * top_k / num_shards)
   kept = np.zeros(expert_ids.shape, bool)
@@ -102,7 +102,7 @@ def test_capacity_exchange_drops_and_counts_the_copies_past_capacity():
     rows = slice(block * local_tokens, (block + 1) * local_tokens)
     ids = expert_ids[rows].reshape(-1)
     order = np.argsort(ids, kind='stable')
-    shard = ids[order] // (config.num_experts // num_shards)
+    shard = ids[order] // (CONFIG.num_experts // num_shards)
     rank = np.arange(ids.size) - np.searchsorted(shard, shard)  # position among copies bound for the same shard
     block_kept = np.zeros(ids.size, bool)
     block_kept[order] = rank < capacity
@@ -121,7 +121,7 @@ def test_capacity_exchange_drops_and_counts_the_copies_past_capacity():
   assert int(aux['dropped_tokens']) == expected_dropped
   # expert_load counts every routed copy over the whole batch, dropped or not (the bias update needs the demand).
   np.testing.assert_array_equal(np.asarray(aux['expert_load']),
-                                np.bincount(expert_ids.reshape(-1), minlength=config.num_experts))
+                                np.bincount(expert_ids.reshape(-1), minlength=CONFIG.num_experts))
   np.testing.assert_allclose(np.asarray(y).reshape(flat.shape), expected_y, rtol=1e-4, atol=1e-4)
 
 
@@ -146,12 +146,13 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
 @pytest.mark.parametrize('skew', [False, True], ids=['balanced', 'skewed'])
 def test_ragged_exchange_is_dropless(skew):
   """The dropless path's counts, offsets and receive layout, with an all-gather stand-in for the collective."""
-  config = dataclasses.replace(CONFIG, ep_impl='ragged', num_shared_experts=0)
+  config = dataclasses.replace(CONFIG, num_shared_experts=0)
   moe, x = make_moe(config, skew=skew), inputs(batch=8, seq_len=4)
   flat = x.reshape(-1, config.hidden_size)
   gates, expert_ids, _ = route(flat, moe.router[...], moe.router_bias[...], config)
   mesh = sharding.make_mesh({'data': 2, 'expert': 4})
-  run = jax.jit(lambda *args: expert_parallel(*args, config, mesh, ragged_all_to_all=emulated_ragged_all_to_all))
+  run = jax.jit(lambda *args: expert_parallel(*args, mesh, ep_impl='ragged',
+                                              ragged_all_to_all=emulated_ragged_all_to_all))
   y, dropped = run(flat, gates, expert_ids, moe.gate_proj[...], moe.up_proj[...], moe.down_proj[...])
   assert int(dropped) == 0
   np.testing.assert_allclose(np.asarray(y), np.asarray(moe.dense_reference(x)).reshape(flat.shape), rtol=1e-5,
@@ -169,17 +170,18 @@ def test_bad_expert_parallel_setups_are_one_line_errors():
   with sharding.use_mesh(mesh):
     with pytest.raises(ConfigError, match=r'num_experts=6 is not divisible by the expert axis \(4\)'):
       moe(inputs())
-  moe, config = make_moe(), dataclasses.replace(CONFIG, ep_impl='ragged')
+  moe = make_moe()
   flat = inputs().reshape(-1, CONFIG.hidden_size)
-  gates, expert_ids, _ = route(flat, moe.router[...], moe.router_bias[...], config)
+  gates, expert_ids, _ = route(flat, moe.router[...], moe.router_bias[...], CONFIG)
   with pytest.raises(ConfigError, match='XLA:CPU lacks'):
-    expert_parallel(flat, gates, expert_ids, moe.gate_proj[...], moe.up_proj[...], moe.down_proj[...], config, mesh)
+    expert_parallel(flat, gates, expert_ids, moe.gate_proj[...], moe.up_proj[...], moe.down_proj[...], mesh,
+                    ep_impl='ragged')
 
 
 def test_dropless_path_lowers_for_gpu_with_ragged_all_to_all():
   """XLA:CPU cannot run the real collective, but the dropless path (forward and gradients) lowers for CUDA: two
   ragged_all_to_all per MoE layer forward (dispatch, combine) and two more in the backward (their transposes)."""
-  config = dataclasses.replace(CONFIG, ep_impl='ragged', num_shared_experts=0)
+  config = dataclasses.replace(CONFIG, num_shared_experts=0)
   moe, x = make_moe(config), inputs(batch=8, seq_len=4)
   flat = x.reshape(-1, config.hidden_size)
   gates, expert_ids, _ = route(flat, moe.router[...], moe.router_bias[...], config)
@@ -187,7 +189,8 @@ def test_dropless_path_lowers_for_gpu_with_ragged_all_to_all():
   real_collective = lambda *args, **kwargs: jax.lax.ragged_all_to_all(*args, **kwargs)  # skips the CPU guard
 
   def loss(gate, up, down, flat):
-    y, _ = expert_parallel(flat, gates, expert_ids, gate, up, down, config, mesh, ragged_all_to_all=real_collective)
+    y, _ = expert_parallel(flat, gates, expert_ids, gate, up, down, mesh, ep_impl='ragged',
+                           ragged_all_to_all=real_collective)
     return jnp.sum(y.astype(jnp.float32) ** 2)
 
   weights = (moe.gate_proj[...], moe.up_proj[...], moe.down_proj[...])

@@ -25,7 +25,7 @@ import pytest
 from k2 import model as model_lib
 from k2.attention import attention_reference
 from k2.config import get_config
-from k2.optim import muonclip, qk_clip
+from k2.optim import muon_adamw, qk_clip
 from pallas_kernels import flash_attention
 from pallas_kernels.flash_attention import BlockSizes
 from pallas_kernels.flash_attention import flash_attention_reference
@@ -165,7 +165,7 @@ def _muonclip_float32_newton_schulz(learning_rate: float) -> optax.GradientTrans
   MoE routing, of the loss (measured: 1e-2 after 6 steps of the 4-layer model). In float32 the runs stay within
   2e-7 over 10 steps, so the comparison sees the attention path and not bfloat16 rounding.
   """
-  return muonclip(learning_rate, weight_decay=0.1, ns_impl='jnp', ns_dtype=jnp.float32)
+  return muon_adamw(learning_rate, weight_decay=0.1, ns_impl='jnp', ns_dtype=jnp.float32)
 
 
 def _train(attention_impl: str, steps: int, num_layers: int, tau: float = 2.0):

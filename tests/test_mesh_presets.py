@@ -66,12 +66,12 @@ def _state_bytes_per_device(mesh_axes: dict) -> int:
   from k2 import model as model_lib
   from k2 import sharding
   from k2.config import get_config
-  from k2.optim import muonclip
+  from k2.optim import muon_adamw
   import optax
   config = get_config('k2_tiny', vocab_size=1024)
   devices = jax.devices()[:int(np.prod(list(mesh_axes.values())))]
   mesh = sharding.make_mesh(mesh_axes, devices)
-  tx = muonclip(1e-3)
+  tx = muon_adamw(1e-3)
   with sharding.use_mesh(mesh):
     model = model_lib.create(config)
     sharding.shard_model(model, mesh)

@@ -1,4 +1,4 @@
-"""200 MuonClip steps of k2_tiny through the trainer: the loss falls, and a step clips exactly when a head's max
+"""200 MuonClip steps of k2_tiny through the pretraining stage: the loss falls, and a step clips exactly when a head's max
 logit passed tau."""
 
 import json
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from k2.config import get_config
-from k2.train import trainer
+from k2.train import pretrain
 
 
 @pytest.mark.slow  # 200 steps; the ablation notebooks cover MuonClip training in CI
@@ -18,7 +18,7 @@ def test_200_muonclip_steps(tmp_path):
   gin.clear_config()
   gin.bind_parameter('schedule.warmup_steps', 10)
   try:
-    final = trainer.train(str(tmp_path), model_config=config, num_steps=200, batch_size=4, seq_len=32,
+    final = pretrain.train(str(tmp_path), model_config=config, num_steps=200, batch_size=4, seq_len=32,
                           learning_rate=3e-3, qk_clip_tau=tau, log_every=1, eval_batches=2, sample_tokens=0)
   finally:
     gin.clear_config()

@@ -9,7 +9,7 @@ from flax import nnx
 
 from k2 import model as model_lib
 from k2.config import get_config
-from k2.optim import muonclip, param_labels, qk_clip
+from k2.optim import muon_adamw, param_labels, qk_clip
 from k2.optim.muonclip import describe_split
 
 CONFIG = get_config('k2_tiny', vocab_size=512, num_layers=3, dtype='float32')
@@ -106,7 +106,7 @@ def test_every_model_parameter_gets_exactly_one_group():
 
 
 def test_unlabelled_or_non_matrix_leaf_fails_at_construction():
-  optimizer = muonclip(1e-3)
+  optimizer = muon_adamw(1e-3)
   with pytest.raises(ValueError, match=r'parameter layers/0/attn/mystery matched 0 optimizer groups'):
     optimizer.init({'layers': {0: {'attn': {'mystery': jnp.zeros((4, 4))}}}})
   with pytest.raises(ValueError, match=r'parameter layers/0/attn/o_proj has shape \(4,\); Muon needs a matrix'):
@@ -116,7 +116,7 @@ def test_unlabelled_or_non_matrix_leaf_fails_at_construction():
 def test_muonclip_step_is_muon_on_matrix_views_and_adamw_elsewhere():
   params = nnx.state(model_lib.create(CONFIG, seed=3), nnx.Param)
   grads = jax.tree.map(lambda x: jnp.ones_like(x) * 0.01, params)
-  updates, _ = muonclip(1e-2, weight_decay=0.0).update(grads, muonclip(1e-2, weight_decay=0.0).init(params), params)
+  updates, _ = muon_adamw(1e-2, weight_decay=0.0).update(grads, muon_adamw(1e-2, weight_decay=0.0).init(params), params)
   q_update = np.asarray(updates['layers'][0]['attn']['q_b_proj'][...])
   # Muon's update of a rank-1 gradient is a scaled rank-1 orthogonal factor: every singular value of the [Q, H*K]
   # view is ~0 but one. AdamW on an embedding moves every entry by ~lr.

@@ -1,9 +1,14 @@
 """Generation: cached decoding equals the full forward, absorbed MLA equals the naive form, sampling, mesh.
 
-Tolerances (float32 on CPU, default matmul precision 'highest' from conftest): logits of cached decoding vs the
-full forward within 2e-5 absolute + 2e-5 relative (the cache changes only the summation order: absorbed
-attention contracts q with W_k before the latent, softmax runs over padded key ranges).
+One forward: the sampler runs the model's own forward over a latent cache, so full-forward logits, prefill logits
+and token-by-token decode logits must agree. Tolerances (float32 on CPU, default matmul precision 'highest' from
+conftest): within 2e-5 absolute + 2e-5 relative (decoding changes only the summation order: absorbed attention
+contracts q with W_k before the latent, softmax runs over padded key ranges).
 """
+
+import contextlib
+import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +16,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from k2 import attention
+from k2 import hf
 from k2 import model as model_lib
 from k2 import sample
 from k2 import sharding
 from k2.config import get_config
-from k2.sample import mla_cache
 
 CONFIG = get_config('k2_tiny', vocab_size=512, num_layers=2, dtype='float32')
 PROMPTS = [[11, 12, 13], [21, 22, 23, 24, 25, 26, 27, 28, 29], [31, 32, 33, 34, 35, 36]]  # ragged
@@ -53,60 +59,101 @@ def reference_greedy(model, prompts, steps):
   return [(s[len(p):], lp) for s, p, lp in zip(sequences, prompts, logprobs)]
 
 
-@pytest.mark.parametrize('layout,form', [('latent', 'absorbed'), ('latent', 'expanded'), ('per_head', 'absorbed')])
-def test_cached_decoding_matches_full_forward_on_ragged_prompts(model, layout, form):
-  """Right-padded ragged prompts through prefill, then teacher-forced decode steps at per-row positions."""
-  continuation = [[41, 42, 43, 44], [51, 52, 53, 54], [61, 62, 63, 64]]
-  width, steps = 16, 4
-  lengths = np.array([len(p) for p in PROMPTS], np.int32)
-  tokens = np.zeros((len(PROMPTS), width), np.int32)
-  for row, prompt in enumerate(PROMPTS):
+def one_forward_logits(model, prompts, continuation, mesh=None):
+  """Logits of `prompts` + `continuation` three ways through the model's one forward: (full, prefill, decode).
+
+  full: no cache; prefill: right-padded prompts into an empty cache; decode: then the continuation teacher-forced one
+  token per step at each row's own positions. Lists per row of [T, V] float32 arrays.
+  """
+  width, steps = 16, len(continuation[0])
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  tokens = np.zeros((len(prompts), width), np.int32)
+  for row, prompt in enumerate(prompts):
     tokens[row, :len(prompt)] = prompt
-  cache = sample.init_cache(model, len(PROMPTS), width + steps, layout)
   positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
-  prefill = jax.jit(lambda t, p, c: sample.forward(model, t, p, c, num_keys=width, mla_form=form))
-  decode = jax.jit(lambda t, p, c: sample.forward(model, t, p, c, num_keys=width + steps, mla_form=form))
-  logits, cache = prefill(tokens, positions, cache)
-  decoded = []
-  for step in range(steps):
-    step_tokens = np.array([[c[step]] for c in continuation], np.int32)
-    step_logits, cache = decode(step_tokens, (lengths + step)[:, None], cache)
-    decoded.append(np.asarray(step_logits[:, 0]))
-  full = full_logits(model, [p + c for p, c in zip(PROMPTS, continuation)])
-  for row, prompt in enumerate(PROMPTS):
-    expected = full[row]
-    np.testing.assert_allclose(np.asarray(logits[row, :len(prompt)]), expected[:len(prompt)], **TOL)
-    np.testing.assert_allclose(np.stack([d[row] for d in decoded]), expected[len(prompt):], **TOL)
+  graphdef, state = nnx.split(model)
+
+  @functools.partial(jax.jit, static_argnames='decode')
+  def run(state, tokens, positions, cache, decode):
+    return sample.forward(nnx.merge(graphdef, state), tokens, positions, cache, decode=decode)
+
+  context = sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+  with context:
+    cache = jax.jit(lambda state: nnx.merge(graphdef, state).init_cache(len(prompts), width + steps))(state)
+    prefill, cache = run(state, tokens, positions, cache, decode=False)
+    decoded = []
+    for step in range(steps):
+      step_tokens = np.array([[c[step]] for c in continuation], np.int32)
+      step_logits, cache = run(state, step_tokens, (lengths + step)[:, None], cache, decode=True)
+      decoded.append(np.asarray(step_logits[:, 0]))
+    full = full_logits(model, [p + c for p, c in zip(prompts, continuation)])
+  return (full, [np.asarray(prefill[row, :len(p)]) for row, p in enumerate(prompts)],
+          [np.stack([d[row] for d in decoded]) for row in range(len(prompts))])
 
 
-def test_absorbed_attention_equals_naive_forms():
-  """The three attention forms over one cache agree (random weights, a ragged mask)."""
+CONTINUATION = [[41, 42, 43, 44], [51, 52, 53, 54], [61, 62, 63, 64]]
+
+
+def assert_one_forward_agrees(full, prefill, decoded, prompts, tol=TOL):
+  for row, prompt in enumerate(prompts):
+    np.testing.assert_allclose(prefill[row], full[row][:len(prompt)], **tol)
+    np.testing.assert_allclose(decoded[row], full[row][len(prompt):], **tol)
+
+
+def test_full_forward_equals_prefill_equals_decode(model):
+  """Right-padded ragged prompts through prefill, then teacher-forced decode steps at per-row positions."""
+  assert_one_forward_agrees(*one_forward_logits(model, PROMPTS, CONTINUATION), PROMPTS)
+
+
+def test_full_forward_equals_prefill_equals_decode_on_a_mesh():
+  """The same on a data x fsdp x tensor mesh (the embedding is gathered over fsdp, heads split over tensor)."""
+  mesh = sharding.make_mesh({'data': 1, 'fsdp': 2, 'tensor': 2, 'expert': 2})
+  model = model_lib.create(CONFIG, seed=0)
+  sharding.shard_model(model, mesh)
+  prompts, continuation = PROMPTS + [[71, 72]], CONTINUATION + [[81, 82, 83, 84]]
+  assert_one_forward_agrees(*one_forward_logits(model, prompts, continuation, mesh), prompts)
+
+
+def test_full_forward_equals_prefill_equals_decode_for_an_hf_checkpoint():
+  """A transformers-written checkpoint (q LoRA, YaRN; golden files of tests/test_hf_parity.py) through the cache."""
+  model = hf.load(os.path.join(os.path.dirname(__file__), 'golden', 'data', 'qlora_yarn'), dtype=jnp.float32)
+  vocab = model.config.vocab_size
+  prompts = [[t % vocab for t in p] for p in PROMPTS]
+  continuation = [[t % vocab for t in c] for c in CONTINUATION]
+  assert_one_forward_agrees(*one_forward_logits(model, prompts, continuation), prompts)
+
+
+def test_absorbed_attention_equals_attention_over_expanded_keys():
+  """The decode form over the latent cache equals plain attention over per-head keys/values built by definition
+  (k^h = [c W_k^h | k_rope], v^h = c W_v^h) from the same cache, on a ragged mask."""
   rng = np.random.default_rng(0)
   batch, new, slots, heads, rank, nope, rope, value = 2, 3, 7, 4, 16, 8, 4, 6
-  q_nope = jnp.asarray(rng.normal(size=(batch, new, heads, nope)), jnp.float32)
-  q_rope = jnp.asarray(rng.normal(size=(batch, new, heads, rope)), jnp.float32)
-  latent = jnp.asarray(rng.normal(size=(batch, slots, rank)), jnp.float32)
-  k_rope = jnp.asarray(rng.normal(size=(batch, slots, rope)), jnp.float32)
-  kv_b_proj = jnp.asarray(rng.normal(size=(rank, heads, nope + value)) / 4, jnp.float32)
-  positions = jnp.asarray([[2, 3, 4], [4, 5, 6]])
-  mask = jnp.arange(slots)[None, None, :] <= positions[:, :, None]
-  absorbed = mla_cache.absorbed_attention(q_nope, q_rope, latent, k_rope, kv_b_proj, mask, 0.3)
-  expanded = mla_cache.expanded_attention(q_nope, q_rope, latent, k_rope, kv_b_proj, mask, 0.3)
-  # The per-head cache, built by hand from the definition k^h = [c W_k^h | k_rope], v^h = c W_v^h.
-  keys = np.concatenate([np.einsum('bsc,chn->bshn', latent, kv_b_proj[..., :nope]),
-                         np.broadcast_to(np.asarray(k_rope)[:, :, None], (batch, slots, heads, rope))], -1)
-  values = np.einsum('bsc,chv->bshv', latent, kv_b_proj[..., nope:])
-  per_head = mla_cache.per_head_attention(jnp.concatenate([q_nope, q_rope], -1), jnp.asarray(keys),
-                                          jnp.asarray(values), mask, 0.3)
-  assert absorbed.shape == (batch, new, heads, value)
-  np.testing.assert_allclose(np.asarray(absorbed), np.asarray(expanded), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(absorbed), np.asarray(per_head), rtol=1e-5, atol=1e-5)
+  q_nope = rng.normal(size=(batch, new, heads, nope)).astype(np.float32)
+  q_rope = rng.normal(size=(batch, new, heads, rope)).astype(np.float32)
+  cache = rng.normal(size=(batch, slots, rank + rope)).astype(np.float32)
+  kv_b_proj = (rng.normal(size=(rank, heads, nope + value)) / 4).astype(np.float32)
+  positions = np.array([[2, 3, 4], [4, 5, 6]])
+  w_k, w_v = kv_b_proj[..., :nope], kv_b_proj[..., nope:]
+  q = np.concatenate([np.einsum('bthn,chn->bthc', q_nope, w_k), q_rope], -1)
+  out_latent = attention.latent_attention_reference(jnp.asarray(q), jnp.asarray(cache), jnp.asarray(positions), rank,
+                                                    0.3)
+  absorbed = np.einsum('bthc,chv->bthv', np.asarray(out_latent), w_v)
+  keys = np.concatenate([np.einsum('bsc,chn->bshn', cache[..., :rank], w_k),
+                         np.broadcast_to(cache[:, :, None, rank:], (batch, slots, heads, rope))], -1)
+  values = np.einsum('bsc,chv->bshv', cache[..., :rank], w_v)
+  logits = np.einsum('bthk,bshk->bhts', np.concatenate([q_nope, q_rope], -1), keys) * 0.3
+  logits = np.where((np.arange(slots)[None, None, :] <= positions[:, :, None])[:, None], logits, -np.inf)
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  expected = np.einsum('bhts,bshv->bthv', probs, values)
+  np.testing.assert_allclose(absorbed, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_cache_memory_per_token():
-  k2 = get_config('k2_full').attention
-  assert mla_cache.cache_bytes_per_token(k2, jnp.bfloat16, 'latent') == (512 + 64) * 2
-  assert mla_cache.cache_bytes_per_token(k2, jnp.bfloat16, 'per_head') == 64 * (192 + 128) * 2
+def test_latent_cache_is_c_plus_r_per_token(model):
+  cache = model.init_cache(2, 5)
+  att = CONFIG.attention
+  assert len(cache) == CONFIG.num_layers
+  assert cache[0].shape == (2, 5, att.kv_lora_rank + att.qk_rope_head_dim)
 
 
 def test_greedy_generate_matches_full_forward_with_budgets_and_stops(model):

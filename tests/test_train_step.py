@@ -1,13 +1,16 @@
 """The pure train_step: gradient accumulation, rematerialization, QK-Clip and router-bias effects, donation."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from k2 import model as model_lib
 from k2.config import get_config
-from k2.optim import muonclip
+from k2.optim import muon_adamw
 from k2.train import step as step_lib
 
 CONFIG = get_config('k2_tiny', num_layers=2)
@@ -23,7 +26,7 @@ def batch(rows=4, seq=16, seed=0):
           'mask': np.ones((rows, seq), np.float32)}
 
 
-TX = muonclip(1e-2)  # one optimizer and schedule object, so equal setups hit the same compiled step
+TX = muon_adamw(1e-2)  # one optimizer and schedule object, so equal setups hit the same compiled step
 
 
 def constant_schedule(step):
@@ -46,7 +49,7 @@ def test_gradient_accumulation_equals_one_big_batch():
   loss_one, grads_one, aux_one = step_lib._gradients(state, data, setup)
   setup, state = setup_and_state(qk_clip_tau=None, grad_accum_steps=2)
   loss_two, grads_two, aux_two = jax.jit(step_lib._gradients, static_argnums=2)(state, data, setup)
-  # Equal-size micro-batches with full masks: the mean of micro-batch means is the batch mean.
+  # Full masks: the token-weighted mean (what accumulation computes) is also the mean of micro-batch means.
   assert float(loss_one) == pytest.approx(float(loss_two), rel=1e-6)
   for a, b in zip(jax.tree.leaves(grads_one), jax.tree.leaves(grads_two)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
@@ -165,3 +168,92 @@ def test_chunked_loss_on_a_mesh_matches_one_device():
   assert float(loss) == pytest.approx(float(sharded_loss), rel=1e-5)
   for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(sharded_grads)):
     np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def uneven_mask_batch(rows=8, seq=16):
+  """Loss masks that differ a lot between the micro-batches of accumulation 4 (rows i, i + 4 form micro-batch i):
+  SFT-like assistant spans of different lengths, one row with no loss token at all."""
+  data = batch(rows=rows, seq=seq, seed=3)
+  mask = np.zeros((rows, seq), np.float32)
+  for row, (start, stop) in enumerate([(0, 16), (12, 14), (3, 16), (15, 16), (8, 9), (0, 0), (2, 11), (5, 15)]):
+    mask[row, start:stop] = 1.0
+  data['mask'] = mask
+  return data
+
+
+SGD = optax.sgd(0.5)  # plain SGD: the update is -lr * gradient, so equal updates mean equal gradients
+
+
+def sgd_step(data, accum, mesh=None):
+  """One plain-SGD train_step of float32 k2_tiny (no QK-Clip, no bias change): (loss, params after - before)."""
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec
+  from k2 import sharding
+  config = CONFIG.replace(dtype='float32')
+  context = sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+  with context:
+    model = model_lib.create(config, seed=0)
+    if mesh is not None:
+      sharding.shard_model(model, mesh)
+      data = jax.device_put(data, NamedSharding(mesh, PartitionSpec(('data', 'fsdp', 'expert'))))
+    graphdef, state = step_lib.init_state(model, SGD)
+    before = [np.asarray(x) for x in jax.tree.leaves(state.params)]
+    setup = step_lib.StepSetup(graphdef=graphdef, model_config=config, optimizer=SGD, schedule=constant_schedule,
+                               qk_clip_tau=None, bias_update_rate=0.0, grad_accum_steps=accum)
+    state, metrics = step_lib.train_step(state, data, setup)
+  del nnx
+  return float(metrics['loss']), [np.asarray(a) - b for a, b in zip(jax.tree.leaves(state.params), before)]
+
+
+def assert_same_update(one, other):
+  (loss_one, update_one), (loss_other, update_other) = one, other
+  assert loss_other == pytest.approx(loss_one, rel=1e-4)
+  flat_one, flat_other = np.concatenate([u.ravel() for u in update_one]), np.concatenate([u.ravel() for u in
+                                                                                         update_other])
+  assert np.linalg.norm(flat_other - flat_one) <= 1e-4 * np.linalg.norm(flat_one)
+
+
+def test_accumulation_with_uneven_loss_masks_is_the_token_weighted_mean():
+  """Accumulation 4 vs 1 with very different loss masks per micro-batch: the same loss and update (plain SGD)."""
+  data = uneven_mask_batch()
+  one = sgd_step(data, accum=1)
+  assert_same_update(one, sgd_step(data, accum=4))
+  # And it is the token-weighted mean, not the mean of micro-batch means (which this data tells apart).
+  micro_means = [float(data['mask'][i::4].sum()) for i in range(4)]
+  assert min(micro_means) != max(micro_means)
+
+
+def test_accumulation_with_uneven_loss_masks_on_a_mesh_matches_one_device():
+  from k2 import sharding
+  assert jax.device_count() == 8
+  data = uneven_mask_batch()
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'expert': 2})  # 8 rows: 4 micro-batches of 2 rows, one per shard
+  assert_same_update(sgd_step(data, accum=1), sgd_step(data, accum=4, mesh=mesh))
+  assert_same_update(sgd_step(data, accum=1), sgd_step(data, accum=1, mesh=mesh))
+
+
+def test_a_stage_loss_with_its_own_aux_reduces_by_its_rules():
+  """A custom loss (per-sequence terms, an extra logged mean and max): token-weighted aux over micro-batches."""
+  data = jax.tree.map(jnp.asarray, uneven_mask_batch())
+
+  def sequence_loss(model, batch):
+    logits, aux = model(batch['inputs'], batch['positions'], batch['segment_ids'])
+    per_token = optax.softmax_cross_entropy_with_integer_labels(logits, batch['targets'])
+    per_row = jnp.sum(per_token * batch['mask'], axis=-1) / jnp.maximum(jnp.sum(batch['mask'], axis=-1), 1.0)
+    rows = jnp.ones_like(per_row)
+    return jnp.sum(per_row), jnp.sum(rows), {**aux, 'row_loss_mean': jnp.mean(per_row),
+                                             'row_loss_max': jnp.max(per_row)}
+
+  rules = (('row_loss_mean', 'token_mean'), ('row_loss_max', 'max'))
+  results = {}
+  for accum in (1, 4):
+    setup, state = setup_and_state(qk_clip_tau=None, grad_accum_steps=accum, loss_fn=sequence_loss,
+                                   aux_reductions=rules)
+    _, metrics = step_lib.train_step(state, data, setup)
+    results[accum] = {k: float(metrics[k]) for k in ('loss', 'row_loss_mean', 'row_loss_max')}
+  assert results[4] == pytest.approx(results[1], rel=1e-5)
+  assert results[1]['loss'] == pytest.approx(results[1]['row_loss_mean'], rel=1e-6)
+
+  with pytest.raises(ValueError, match='no reduction rule'):
+    setup, state = setup_and_state(qk_clip_tau=None, loss_fn=sequence_loss)
+    step_lib.train_step(state, data, setup)

@@ -55,7 +55,14 @@ def _local_documents(pattern: str, text_key: str) -> list[str]:
               raise ConfigError(f'{path}:{number} is not a JSON object with a {text_key!r} field') from None
       else:
         docs.append(f.read())
-  return docs
+  non_empty = [doc for doc in docs if doc.strip()]
+  if not non_empty:
+    raise ConfigError(f'dataset {pattern!r}: its {len(paths)} file(s) hold no non-empty documents')
+  if len(non_empty) == 1:
+    raise ConfigError(f'dataset {pattern!r} holds one document; it needs at least two (the last 5% of the '
+                      'documents, at least one, are the validation split): split the text into several files or '
+                      '.jsonl lines')
+  return non_empty
 
 
 class _TfdsText:

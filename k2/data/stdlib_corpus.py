@@ -68,5 +68,8 @@ class StdlibSource(tfds.core.GeneratorBasedBuilder):
 def prepare(data_dir: str) -> str:
   """Writes the corpus under data_dir once (a no-op when present); returns the TFDS name to read it by."""
   builder = StdlibSource(config=CONFIG_NAME, data_dir=os.path.expanduser(data_dir), file_format='array_record')
+  if not builder.is_prepared():
+    print(f'preparing the corpus (the Python standard library source, as a TFDS dataset in {data_dir}; once)',
+          flush=True)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
   return f'stdlib_source/{CONFIG_NAME}'

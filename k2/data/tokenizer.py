@@ -50,9 +50,10 @@ class Tokenizer:
   """A text <-> ids mapping with named special tokens. Special tokens are never produced from plain text."""
 
   def __init__(self, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str], vocab_size: int,
-               special_tokens: dict[str, int], name: str):
+               special_tokens: dict[str, int], name: str, path: str | None = None):
     self._encode, self._decode = encode, decode
     self.vocab_size, self.special_tokens, self.name = vocab_size, dict(special_tokens), name
+    self.path = path  # the file it was loaded from (a model export copies it), or None
 
   @property
   def eos_id(self) -> int:
@@ -94,7 +95,7 @@ def load_tiktoken(path: str) -> Tokenizer:
   encoding = tiktoken.Encoding(name=os.path.basename(path), pat_str=K2_PATTERN, mergeable_ranks=ranks,
                                special_tokens=special)
   return Tokenizer(lambda text: encoding.encode(text, disallowed_special=()), encoding.decode,
-                   first_special + K2_NUM_RESERVED, named, f'tiktoken:{path}')
+                   first_special + K2_NUM_RESERVED, named, f'tiktoken:{path}', path)
 
 
 def _from_hf_file(path: str) -> Tokenizer:
@@ -106,7 +107,7 @@ def _from_hf_file(path: str) -> Tokenizer:
     raise ConfigError(f'{path} has no [EOS] token')
   return Tokenizer(lambda text: hf.encode(text, add_special_tokens=False).ids,
                    lambda ids: hf.decode(ids, skip_special_tokens=False), hf.get_vocab_size(), special,
-                   f'bpe:{path}')
+                   f'bpe:{path}', path)
 
 
 def train_bpe(texts: Callable[[], Iterable[str]], vocab_size: int, path: str) -> Tokenizer:
@@ -144,4 +145,6 @@ def cached_bpe(corpus_key: str, texts: Callable[[], Iterable[str]], vocab_size: 
   path = os.path.join(os.path.expanduser(cache_dir), f'bpe_{vocab_size}_{digest}.json')
   if os.path.isfile(path):
     return _from_hf_file(path)
+  print(f'training a {vocab_size}-token BPE tokenizer on {corpus_key.split(":")[0]} (once; cached as {path})',
+        flush=True)
   return train_bpe(texts, vocab_size, path)

@@ -5,15 +5,13 @@
     result.tokens, result.logprobs, result.finish_reasons
 
 `generate` (batched, one jitted program), `stream` (one prompt, token by token), and the pieces they are made
-of: `prefill` / `decode_step` (one jittable step each), `init_cache` / `forward` (the model over a cache),
-`choose_tokens` (greedy, temperature, top-k, top-p), and `mla_cache` (latent cache, weight-absorbed attention and
-its naive references).
+of: `prefill` / `decode_step` (one jittable step each), `forward` (the model over a cache),
+`choose_tokens` (greedy, temperature, top-k, top-p). The model itself keeps the cache (`Transformer.init_cache`,
+`Transformer.features(..., cache=...)`).
 """
 
-from k2.sample import mla_cache
-from k2.sample.generate import (DecodeOptions, GenerateResult, decode_step, forward, generate, init_cache, prefill,
-                                stream)
+from k2.sample.generate import (DecodeOptions, GenerateResult, decode_step, forward, generate, prefill, stream)
 from k2.sample.sampling import choose_tokens
 
-__all__ = ['DecodeOptions', 'GenerateResult', 'choose_tokens', 'decode_step', 'forward', 'generate', 'init_cache',
-           'mla_cache', 'prefill', 'stream']
+__all__ = ['DecodeOptions', 'GenerateResult', 'choose_tokens', 'decode_step', 'forward', 'generate', 'prefill',
+           'stream']

@@ -11,9 +11,9 @@ padding writes slots len_b..P-1 that no query sees (a query at position p attend
 generated token overwrites slot len_b + i. So every row keeps its natural positions, and one decode step serves
 rows at different lengths. The first new token comes from the prefill logits at slot len_b - 1.
 
-Prefill runs the naive (expanded) MLA form, which costs fewer FLOPs over a long prompt; decode runs the
-weight-absorbed form over the latent cache (`k2.sample.mla_cache`). `cache_layout='per_head'` keeps per-head k/v
-instead (the naive baseline of experiments/bench_sample.py).
+Prefill and decode are the model's own forward (`Transformer.features` with a cache, k2.model): prefill runs the
+training attention over the prompt (the flash kernel on GPU/TPU) and stores each token's MLA latent; decode attends to
+the latent cache in the weight-absorbed form. Rollouts and training therefore compute log-probs with the same code.
 
 Each row stops after emitting one of `stop_tokens` (kept in its output: RL trains on it) or after its own
 `max_new_tokens` budget; `finish_reasons` says which ('stop' or 'length', the truncation that K2's budget control
@@ -36,7 +36,6 @@ from jax.sharding import Mesh
 
 from k2 import sharding
 from k2.model import Transformer
-from k2.sample import mla_cache
 from k2.sample.sampling import choose_tokens
 
 PROMPT_BUCKET = 16  # prompt widths round up to a multiple of this, so similar batches reuse compiled code
@@ -57,50 +56,26 @@ class DecodeOptions:
   greedy: bool = True
   top_k: int = 0
   top_p: float = 1.0
-  cache_layout: str = 'latent'  # 'latent' (C + R per token) or 'per_head' (H * (K + V) per token)
-  mla_form: str = 'absorbed'    # decode form on the latent cache: 'absorbed' or 'expanded' (naive)
 
 
-def init_cache(model: Transformer, batch: int, slots: int, layout: str = 'latent') -> list:
-  """One empty cache per layer, `slots` tokens long, in the model's compute dtype."""
-  dtype = jnp.dtype(model.config.dtype)
-  return [mla_cache.init_layer_cache(model.config.attention, batch, slots, dtype, layout) for _ in model.layers]
+def forward(model: Transformer, tokens: jax.Array, positions: jax.Array, cache: list, *, decode: bool,
+            logit_index: jax.Array | None = None):
+  """The model over a cache: tokens, positions [B, T] (positions are cache slots) -> (logits, updated cache).
 
-
-def forward(model: Transformer, tokens: jax.Array, positions: jax.Array, cache: list, *, num_keys: int,
-            mla_form: str = 'absorbed', logit_index: jax.Array | None = None):
-  """The Transformer's forward for T new tokens against `cache` (k2.model.DecoderLayer with cached MLA).
-
-  tokens, positions: [B, T] int32 (positions are cache slots). num_keys (static): slots attended to.
-  logit_index: [B] int32, compute logits only at that time index of each row (the last prompt token at prefill).
-  Returns (logits [B, T, V], or [B, V] with logit_index, float32; the updated cache).
+  decode=False is a prefill (the cache is empty; the new tokens attend to each other), decode=True attends to the
+  cache. logit_index [B]: take logits only at that time index of each row ([B, V]); else all ([B, T, V]), float32.
   """
-  dtype = jnp.dtype(model.config.dtype)
-  x = jnp.take(model.embed[...], tokens, axis=0).astype(dtype)
-  x = sharding.constrain(x, ('batch', 'seq', 'act_embed'))
-  new_cache = []
-  for layer, layer_cache in zip(model.layers, cache):
-    attn_out, layer_cache = mla_cache.cached_mla(layer.attn, layer.attn_norm(x), positions, layer_cache,
-                                                 num_keys=num_keys, form=mla_form)
-    new_cache.append(layer_cache)
-    x = x + attn_out.astype(x.dtype)
-    ffn_out = layer.ffn(layer.ffn_norm(x))
-    ffn_out = ffn_out[0] if layer.is_moe else ffn_out
-    x = sharding.constrain(x + ffn_out.astype(x.dtype), ('batch', 'seq', 'act_embed'))
+  x, aux = model.features(tokens, positions, cache=cache, decode=decode)
   if logit_index is not None:
     x = jnp.take_along_axis(x, logit_index[:, None, None].astype(jnp.int32), axis=1)
-  x = model.final_norm(x)
-  logits = jnp.einsum('BTD,DV->BTV', x, model.lm_head[...].astype(dtype), preferred_element_type=jnp.float32)
-  logits = sharding.constrain(logits, ('batch', 'seq', 'act_vocab'))
-  return (logits[:, 0] if logit_index is not None else logits), new_cache
+  logits = model.logits(x)
+  return (logits[:, 0] if logit_index is not None else logits), aux['cache']
 
 
 def prefill(model, tokens, lengths, key, temperature, *, slots: int, options: DecodeOptions):
   """Prompts [B, P] right-padded, lengths [B] -> (first token [B], its logprob [B], a cache of `slots` tokens)."""
-  batch, width = tokens.shape
-  cache = init_cache(model, batch, slots, options.cache_layout)
-  positions = jnp.broadcast_to(jnp.arange(width, dtype=jnp.int32), tokens.shape)
-  logits, cache = forward(model, tokens, positions, cache, num_keys=width, mla_form='expanded',
+  positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+  logits, cache = forward(model, tokens, positions, model.init_cache(tokens.shape[0], slots), decode=False,
                           logit_index=lengths - 1)
   token, logprob = choose_tokens(logits, jax.random.fold_in(key, 0), temperature, greedy=options.greedy,
                                  top_k=options.top_k, top_p=options.top_p)
@@ -109,9 +84,7 @@ def prefill(model, tokens, lengths, key, temperature, *, slots: int, options: De
 
 def decode_step(model, token, positions, cache, key, temperature, *, options: DecodeOptions):
   """One step: token [B] at positions [B] -> (next token [B], its logprob [B], cache)."""
-  slots = jax.tree.leaves(cache)[0].shape[1]
-  logits, cache = forward(model, token[:, None], positions[:, None], cache, num_keys=slots,
-                          mla_form=options.mla_form)
+  logits, cache = forward(model, token[:, None], positions[:, None], cache, decode=True)
   next_token, logprob = choose_tokens(logits[:, 0], key, temperature, greedy=options.greedy, top_k=options.top_k,
                                       top_p=options.top_p)
   return next_token, logprob, cache
@@ -165,19 +138,14 @@ _prefill_jit = jax.jit(_prefill_state, static_argnames=('graphdef', 'slots', 'op
 _decode_jit = jax.jit(_decode_state, static_argnames=('graphdef', 'options'), donate_argnames=('cache',))
 
 
-def _options(temperature, top_k, top_p, cache_layout, mla_form) -> DecodeOptions:
+def _options(temperature, top_k, top_p) -> DecodeOptions:
   if temperature < 0:
     raise ValueError(f'temperature must be >= 0 (0 is greedy), got {temperature}')
   if top_k < 0:
     raise ValueError(f'top_k must be >= 0 (0 is no limit), got {top_k}')
   if not 0.0 < top_p <= 1.0:
     raise ValueError(f'top_p must lie in (0, 1], got {top_p}')
-  if cache_layout not in mla_cache.LAYOUTS:
-    raise ValueError(f'unknown cache_layout {cache_layout!r}; known: {", ".join(mla_cache.LAYOUTS)}')
-  if mla_form not in mla_cache.FORMS:
-    raise ValueError(f'unknown mla_form {mla_form!r}; known: {", ".join(mla_cache.FORMS)}')
-  return DecodeOptions(greedy=temperature == 0, top_k=int(top_k), top_p=float(top_p), cache_layout=cache_layout,
-                       mla_form=mla_form)
+  return DecodeOptions(greedy=temperature == 0, top_k=int(top_k), top_p=float(top_p))
 
 
 def _stop_array(stop_tokens: Sequence[int]) -> np.ndarray:
@@ -203,14 +171,13 @@ def _pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> tuple[np.
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
-             seed: int = 0, cache_layout: str = 'latent', mla_form: str = 'absorbed',
-             mesh: Mesh | None = None) -> GenerateResult:
+             seed: int = 0, mesh: Mesh | None = None) -> GenerateResult:
   """Generates a continuation of every prompt in one batch (see the module docstring).
 
   prompts: token-id lists of any lengths. max_new_tokens: one budget for all, or one per prompt.
   temperature 0 is greedy; top_k 0 and top_p 1.0 are no limit. Returns a GenerateResult.
   """
-  options = _options(temperature, top_k, top_p, cache_layout, mla_form)
+  options = _options(temperature, top_k, top_p)
   tokens, lengths = _pad_prompts(prompts, model.config.vocab_size)
   budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), lengths.shape).copy()
   if budgets.min() < 1:
@@ -232,14 +199,14 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
 
 
 def stream(model: Transformer, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (), seed: int = 0,
-           cache_layout: str = 'latent', mla_form: str = 'absorbed') -> Iterator[tuple[int, float]]:
+           top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (),
+           seed: int = 0) -> Iterator[tuple[int, float]]:
   """Yields (token, logprob) for one prompt as each is decoded (for interactive use; `generate` for batches).
 
   The same prefill and decode step as `generate`, driven from Python one token at a time; the stop token, if
   any, is the last one yielded.
   """
-  options = _options(temperature, top_k, top_p, cache_layout, mla_form)
+  options = _options(temperature, top_k, top_p)
   if max_new_tokens < 1:
     return
   tokens, lengths = _pad_prompts([prompt], model.config.vocab_size)

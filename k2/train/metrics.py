@@ -55,11 +55,47 @@ class NullWriter:
     pass
 
 
-def progress_line(step: int, num_steps: int, metrics: dict[str, float], elapsed: float, steps_done: int) -> str:
-  eta = elapsed / max(steps_done, 1) * (num_steps - step)
-  line = (f'step {step:6d}/{num_steps}  loss {metrics["loss"]:.4f}  max_logit {metrics["max_logit"]:6.1f}  '
-          f'clipped {metrics["clipped_heads"]:3.0f}  {metrics["tokens_per_second"]:9,.0f} tok/s  '
-          f'eta {int(eta) // 60}m{int(eta) % 60:02d}s')
-  if 'eval_loss' in metrics:
-    line += f'  eval_loss {metrics["eval_loss"]:.4f}'
-  return line
+class StepTimer:
+  """Throughput and ETA from logged steps. The first step after (re)start includes compilation, so the ETA is timed
+  from its end: after the second logged step it is the measured seconds per step times the steps left."""
+
+  def __init__(self, start_step: int, num_steps: int):
+    self.start_step, self.num_steps = start_step, num_steps
+    self._last_time, self._last_step = time.time(), start_step
+    self._first_logged: tuple[float, int] | None = None
+
+  def logged(self, step: int, record: dict, tokens_per_step: int | None) -> None:
+    """Called when `step` is logged; adds tokens_per_second (since the last logged step) to record."""
+    now = time.time()
+    if tokens_per_step:
+      record['tokens_per_second'] = tokens_per_step * (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_time, self._last_step = now, step
+    if self._first_logged is None:
+      self._first_logged = (now, step)
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (an evaluation) out of the next tokens_per_second; the ETA keeps them (evals recur)."""
+    self._last_time += seconds
+
+  def eta(self, step: int) -> float | None:
+    """Seconds left, or None before a step past the first has been timed."""
+    first_time, first_step = self._first_logged or (0.0, step)
+    if step <= first_step:
+      return None
+    return (time.time() - first_time) / (step - first_step) * (self.num_steps - step)
+
+
+# The progress line's optional fields, in order: (metric, format). Shown when the stage reports them.
+_PROGRESS_FIELDS = (('max_logit', 'max_logit {:6.1f}'), ('clipped_heads', 'clipped {:3.0f}'),
+                    ('tokens_per_second', '{:9,.0f} tok/s'))
+
+
+def progress_line(step: int, num_steps: int, metrics: dict[str, float], eta: float | None) -> str:
+  """`step N/M  loss L  [max_logit ..  clipped ..  tok/s]  eta ..  [eval_* ..]`: the fields the stage has."""
+  parts = [f'step {step:6d}/{num_steps}']
+  if 'loss' in metrics:
+    parts.append(f'loss {metrics["loss"]:.4f}')
+  parts += [fmt.format(metrics[key]) for key, fmt in _PROGRESS_FIELDS if key in metrics]
+  parts.append('eta ' + ('?' if eta is None else f'{int(eta) // 60}m{int(eta) % 60:02d}s'))
+  parts += [f'{key} {value:.4f}' for key, value in metrics.items() if key.startswith('eval_')]
+  return '  '.join(parts)
