@@ -63,8 +63,8 @@ class Settings:
 @contextlib.contextmanager
 def parsed(gin_files: list[str]):
   """The gin files parsed as the launcher parses them, for the duration of the block (gin-configured calls such
-  as `trainer.schedule` and `trainer.optimizer` see the run's bindings); the config is cleared afterwards."""
-  from k2.train import trainer  # noqa: F401  (registers the trainer's configurables)
+  as `recipe.schedule` and `recipe.optimizer` see the run's bindings); the config is cleared afterwards."""
+  from k2.train import pretrain  # noqa: F401  (registers the pretraining stage's configurables)
   gin.clear_config()
   gin.add_config_file_search_path(ROOT)
   try:

@@ -50,7 +50,7 @@ from flax import nnx  # noqa: E402
 from experiments.ablations import ablations  # noqa: E402
 from k2 import model as model_lib  # noqa: E402
 from k2.optim import param_labels  # noqa: E402
-from k2.train import trainer  # noqa: E402
+from k2.train import recipe  # noqa: E402
 
 # %% tags=["parameters"]
 SIZE = ablations.TINY_GIN  # the one file to change, e.g. 'experiments/ablations/configs/small_gpu.gin'
@@ -62,7 +62,7 @@ PARALLEL = int(os.environ.get('K2_ABLATION_PARALLEL', '1'))  # training processe
 # %% [markdown]
 # ## The model, the optimizer and one arm, in a few lines
 # The size file gives the model config; `param_labels` splits the parameters between Muon (hidden matrices) and
-# AdamW (embeddings, head, norms); `trainer.optimizer` builds MuonClip's optax transform. Each arm is one
+# AdamW (embeddings, head, norms); `recipe.optimizer` builds MuonClip's optax transform. Each arm is one
 # ordinary launcher command: the size file, an arm file (`configs/arms/*.gin`), the learning rate.
 #
 # Two choices the K2 report does not state, made by this code: Muon's momentum is Nesterov's (`k2/optim/muon.py`,
@@ -78,7 +78,7 @@ for (path, label), leaf in zip(jax.tree_util.tree_leaves_with_path(param_labels(
   if jax.tree_util.keystr(path).endswith("['router'].value"):
     router_labels.add(label)
 with ablations.parsed(GIN_FILES):  # the runs' bindings: warm-up, decay, weight decay, momentum
-  optimizer = trainer.optimizer(trainer.schedule(settings.qk_clip_lr, settings.num_steps), name='muonclip')
+  optimizer = recipe.optimizer(recipe.schedule(settings.qk_clip_lr, settings.num_steps), name='muonclip')
 print(f'{settings.model_name}: {settings.model_config.num_layers} layers x {settings.model_config.attention.num_heads} '
       f'heads; parameters trained by Muon {sizes["muon"]:,}, by AdamW {sizes["adamw"]:,}')
 print(f'router weights trained by: {sorted(router_labels)}')
