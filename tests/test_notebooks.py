@@ -76,5 +76,7 @@ def test_collect_reads_metrics_jsonl(tmp_path):
   assert summary['clipped_head_steps'] == 2 and summary['last_step_with_clipping'] == 3
   assert summary['mean_max_logit_of_clipping_steps'] == pytest.approx(6.5)
   assert summary['peak_max_logit_after_step'] == 5.5 and summary['steps_over_tau_after_step'] == 1
+  # Steps 2 and 3 clipped: step 2's final weights gave 5.5 > tau and step 3's forward 7.0; step 3 is the last.
+  assert summary['clipping_steps_over_tau_after_step'] == 1 and summary['clipping_steps_next_forward_over_tau'] == 1
   del arm['max_logit_after_step']  # an arm that does not measure it has no after-step numbers
   assert 'peak_max_logit_after_step' not in ablations.qk_clip_summary(arm, 5.0)

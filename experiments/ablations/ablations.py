@@ -279,7 +279,9 @@ def qk_clip_summary(arm: dict, tau: float) -> dict:
 
   Every number is of measured forwards. `steps_over_tau` counts the steps whose own forward (before their update
   and clip) passed tau: from step 2 on, the weights the previous step ended with, on a new batch.
-  `steps_over_tau_after_step` counts the steps whose final weights passed tau on their own batch."""
+  `steps_over_tau_after_step` counts the steps whose final weights passed tau on their own batch; the
+  `clipping_steps_*` counts are of the steps that clipped: their final weights over tau on their own batch, and
+  the next step's forward (a new batch) over tau."""
   logits = arm['max_logit']
   over = [s for s, m in zip(arm['step'], logits) if m > tau]
   peak = max(range(len(logits)), key=lambda i: logits[i])
@@ -292,11 +294,15 @@ def qk_clip_summary(arm: dict, tau: float) -> dict:
              'steps_with_clipping': len(clipped),
              'mean_max_logit_of_clipping_steps': sum(clipped) / len(clipped) if clipped else None,
              'last_step_with_clipping': max((s for s, c in zip(arm['step'], arm['clipped_heads']) if c),
-                                            default=None)}
+                                            default=None),
+             'clipping_steps_next_forward_over_tau': sum(1 for c, m in zip(arm['clipped_heads'], logits[1:])
+                                                         if c and m > tau)}
   if 'max_logit_after_step' in arm:
     after = arm['max_logit_after_step']
     summary['peak_max_logit_after_step'] = max(after)
     summary['steps_over_tau_after_step'] = sum(1 for m in after if m > tau)
+    summary['clipping_steps_over_tau_after_step'] = sum(1 for c, m in zip(arm['clipped_heads'], after)
+                                                        if c and m > tau)
   return summary
 
 

@@ -121,6 +121,9 @@ for name, arm in results['arms'].items():
 clip, muon = results['arms']['muonclip']['summary'], results['arms']['muon']['summary']
 print(f'peak max logit: MuonClip {clip["peak_max_logit"]:.2f} ({clip["peak_over_tau_percent"]:+.1f}% over tau), '
       f'vanilla Muon {muon["peak_max_logit"]:.2f} ({muon["peak_over_tau_percent"]:+.1f}%)')
+print(f'MuonClip: of the {clip["steps_with_clipping"]} steps that clipped, '
+      f'{clip["clipping_steps_over_tau_after_step"]} ended with weights over tau on their own batch and '
+      f'{clip["clipping_steps_next_forward_over_tau"]} were followed by a forward over tau')
 clip, muon = results['arms']['muonclip'], results['arms']['muon']
 print(f'MuonClip final val loss vs vanilla Muon: '
       f'{100 * (clip["final_val_loss"] / muon["final_val_loss"] - 1):+.2f}%')
