@@ -22,8 +22,6 @@ TFLOP/s count useful work only: causal pairs P = B H T (T + 1) / 2; forward 2 P 
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import statistics
 import time
 import traceback
 
@@ -32,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments.bench_common import section_title, time_ms
 from pallas_kernels.flash_attention import BlockSizes
 from pallas_kernels.flash_attention import flash_attention
 from pallas_kernels.flash_attention import flash_attention_reference
@@ -63,17 +62,6 @@ def log(*parts):
   if _LOG.value:
     with open(_LOG.value, 'a') as f:
       f.write(line + '\n')
-
-
-def time_ms(fn, *args, iters: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
 
 
 def flops(batch, seq, heads, qk_dim, v_dim):
@@ -283,7 +271,7 @@ def write_report(device, rows, correctness, blocks_by_layout, sweeps, seconds):
 
   lines = [
       '<!-- bench_attention:start -->',
-      f'## Flash attention with max logits ({datetime.date.today()}, {device.device_kind}, jax {jax.__version__})',
+      section_title('Flash attention with max logits'),
       '',
       'Causal bf16 MHA, 16k tokens per call; TFLOP/s of useful work (causal pairs only; forward 2P(K+V), '
       'backward 2P(3K+2V)). "ours" is `pallas_kernels.flash_attention` on its Hopper (Mosaic GPU) kernels and '

@@ -27,12 +27,10 @@ layer (bf16, jit, grad) with matmul_impl='pallas' against 'ragged_dot'.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import math
 import statistics
 import sys
-import time
 import types
 
 import jax
@@ -41,6 +39,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from experiments.bench_common import section_title, time_ms
 from k2.config import get_config
 from k2.moe import MoE
 from pallas_kernels.grouped_matmul import BlockSizes
@@ -106,23 +105,6 @@ def operands(problem: Problem, seed: int = 0):
          * problem.contract ** -0.5).astype(jnp.bfloat16)
   dout = jax.random.normal(keys[2], (problem.num_rows, problem.cols), jnp.bfloat16)
   return lhs, rhs, dout
-
-
-def time_ms(fn, *args, iters: int) -> float:
-  """Median ms per call of back-to-back calls; slow candidates (ragged_dot) get fewer calls."""
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  once = time.perf_counter() - start
-  iters = max(2, min(iters, int(1.0 / max(once, 1e-6))))
-  batch = max(1, min(20, int(0.02 / max(once, 1e-6))))  # several calls in flight hide the dispatch
-  samples = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    outs = [fn(*args) for _ in range(batch)]
-    jax.block_until_ready(outs)
-    samples.append((time.perf_counter() - start) * 1e3 / batch)
-  return statistics.median(samples)
 
 
 def forward_and_backward(op):
@@ -323,7 +305,7 @@ def main(argv):
 
   names = list(ops)
   lines = [
-      f'## Grouped matmul, MoE expert shapes ({datetime.date.today()}, {device.device_kind}, jax {jax.__version__})',
+      section_title('Grouped matmul, MoE expert shapes'),
       '',
       'bf16 operands, float32 accumulation. TFLOP/s as fwd / fwd+bwd (fwd+bwd = out, dlhs and drhs: 3 products); '
       'median of back-to-back jitted calls. "dense" is one bf16 matmul [M, K] @ [K, N] of the same FLOPs (fwd+bwd: '

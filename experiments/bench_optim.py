@@ -1,23 +1,27 @@
 """Benchmark: one optimizer step on k2_small's parameters, ours against optax.contrib.muon, in one run.
 
-    python -m experiments.bench_optim --out=BENCHMARKS_optim.md
+    python -m experiments.bench_optim --out=BENCHMARKS_optim.md [--trace_dir=DIR] [--code=COMMIT]
 
-Timed (median of --iters jitted calls, after warm-up, arrays on the default device):
-  * muon/jnp      k2.optim.muon on every Muon-labelled matrix (matrix views, expert stacks batched), jnp NS
-  * muon/pallas   the same with the Pallas Newton-Schulz kernel
-  * muon/jnp, fp32 NS   the same in float32 (optax iterates in the momentum's dtype, float32 here)
-  * optax         optax.contrib.muon on the same matrices (expert stacks as batches via dimension numbers,
-                  consistent_rms=0.2 so the update scale is ours)
-  * muonclip/*    the whole MuonClip update (Muon + AdamW over the full parameter tree)
-Also checked in the same run: ours (jnp vs pallas) agree, and our first step equals optax's first step (their
-momentum forms coincide at step 1).
+Timed (median of back-to-back jitted calls after warm-up, bench_common.time_ms; arrays on the default device):
+  * muon               k2.optim.muon on every Muon-labelled matrix (matrix views, expert stacks batched), bf16 NS
+  * muon, fp32 NS      the same with Newton-Schulz in float32 (optax iterates in the momentum's dtype, float32 here)
+  * optax.contrib.muon on the same matrices (expert stacks as batches via dimension numbers, consistent_rms=0.2 so
+                       the update scale is ours)
+  * muonclip           the whole MuonClip update (Muon + AdamW over the full parameter tree)
+  * Newton-Schulz alone: the bf16 steps on the normalized stacks Muon builds (one batch per shape), whose
+    matmul FLOPs give its TFLOP/s against the bf16 matmul peak measured in the same run.
+The floor of the Muon step is Newton-Schulz's FLOPs at that peak plus one pass over the float32 state at the HBM
+bandwidth measured in the same run (a float32 copy): read G, M_{t-1}, W; write M_t and the update (5 x 4 bytes per
+parameter), plus the bf16 Newton-Schulz input and output (2 x 2 bytes). XLA's cost analysis of each compiled step
+gives the bytes its HLO accesses, for comparison.
+Checks in the same run: our first step (fp32 NS) equals optax's first step (their momentum forms coincide at step
+1), and bf16 NS differs from fp32 NS by the bf16 rounding only.
 """
 
 from __future__ import annotations
 
-import datetime
-import statistics
-import time
+import math
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -26,26 +30,22 @@ import optax
 from absl import app, flags
 from flax import nnx
 
+from experiments.bench_common import capture_trace, matmul_peak, section_title, summarize_trace, time_ms
+from experiments.bench_common import write_section
 from k2 import model as model_lib
 from k2.config import get_config
-from k2.optim import muon, muonclip, param_labels
+from k2.optim import muon, muon_adamw, param_labels
 from k2.optim.muonclip import _matrix_shape
 from k2.optim.qk_clip import _path_string
+from pallas_kernels.newton_schulz import newton_schulz_steps_reference, normalized_matrices
 
 _MODEL = flags.DEFINE_string('model', 'k2_small', 'Model variant whose parameters are optimized.')
-_ITERS = flags.DEFINE_integer('iters', 10, 'Timed iterations per candidate.')
+_ITERS = flags.DEFINE_integer('iters', 10, 'Timed samples per candidate.')
 _OUT = flags.DEFINE_string('out', 'BENCHMARKS_optim.md', 'Markdown file the results are written to.')
+_TRACE_DIR = flags.DEFINE_string('trace_dir', '', 'If set: profile one Muon step; its trace and HLO go here.')
+_SMOKE = flags.DEFINE_bool('smoke', False, 'k2_tiny, a small peak matmul and copy: checks that the script runs.')
 
-
-def time_ms(fn, *args, iters: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
+NS_STEPS = 5
 
 
 def random_like(tree, seed):
@@ -54,9 +54,46 @@ def random_like(tree, seed):
   return jax.tree.unflatten(treedef, [0.02 * jax.random.normal(k, x.shape, jnp.float32) for k, x in zip(keys, leaves)])
 
 
+def ns_groups(matrices: dict[str, jax.Array]) -> dict[tuple[int, int], int]:
+  """{shape [n, m]: number of matrices}, as Muon batches them."""
+  groups: dict[tuple[int, int], int] = {}
+  for x in matrices.values():
+    groups[x.shape[-2:]] = groups.get(x.shape[-2:], 0) + math.prod(x.shape[:-2])
+  return groups
+
+
+def ns_flops(groups: dict[tuple[int, int], int]) -> float:
+  """Matmul FLOPs of Newton-Schulz, short side s and long side l: per step the Gram matrix (2 s^2 l), its square
+  (2 s^3) and the new X (2 s^2 l)."""
+  return float(sum(count * NS_STEPS * (4 * min(shape) ** 2 * max(shape) + 2 * min(shape) ** 3)
+                   for shape, count in groups.items()))
+
+
+def hbm_bandwidth(gib: float = 4.0) -> float:
+  """Bytes/s of a float32 copy-and-scale (read + write) of `gib` GiB, best of 5."""
+  x = jnp.ones((int(gib * 2 ** 30 / 4),), jnp.float32)
+  f = jax.jit(lambda x: x * 1.0001)
+  ms = min(time_ms(f, x, iters=3) for _ in range(5))
+  return 2 * x.size * 4 / (ms / 1e3)
+
+
+def bytes_accessed(compiled) -> float | None:
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, list):
+    analysis = analysis[0] if analysis else {}
+  return (analysis or {}).get('bytes accessed')
+
+
+def rel(a, b) -> float:
+  a = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(a)])
+  b = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(b)])
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
 def main(argv):
   del argv
-  config = get_config(_MODEL.value)
+  model_name = 'k2_tiny' if _SMOKE.value else _MODEL.value
+  config = get_config(model_name)
   abstract = nnx.state(model_lib.abstract(config), nnx.Param)
   params = nnx.to_pure_dict(random_like(abstract, 0))
   grads = nnx.to_pure_dict(random_like(abstract, 1))
@@ -70,61 +107,91 @@ def main(argv):
   mat_params = {n: flat_params[n].reshape(_matrix_shape(n, flat_params[n].shape)) for n in names}
   mat_grads = {n: flat_grads[n].reshape(_matrix_shape(n, flat_grads[n].shape)) for n in names}
   num_muon = sum(x.size for x in mat_params.values())
+  groups = ns_groups(mat_params)
+  flops = ns_flops(groups)
+
+  peak = matmul_peak(256 if _SMOKE.value else 8192)
+  bandwidth = hbm_bandwidth(1 / 64 if _SMOKE.value else 4.0)
+  print(f'bf16 peak {peak["best_tflops"]:.0f} TFLOP/s, HBM {bandwidth / 1e12:.2f} TB/s', flush=True)
 
   dims = {n: optax.contrib.MuonDimensionNumbers(reduction_axis=x.ndim - 2, output_axis=x.ndim - 1)
           for n, x in mat_params.items()}
   candidates = {
-      'muon/jnp': muon(1e-3, ns_impl='jnp'),
-      'muon/pallas': muon(1e-3, ns_impl='pallas'),
-      'muon/jnp, fp32 NS': muon(1e-3, ns_impl='jnp', ns_dtype=jnp.float32),
+      'muon': muon(1e-3),
+      'muon, fp32 NS': muon(1e-3, ns_dtype=jnp.float32),
       'optax.contrib.muon': optax.contrib.muon(1e-3, consistent_rms=0.2, eps=1e-7,
                                                muon_weight_dimension_numbers=dims),
   }
-  results, updates = {}, {}
+  results, updates, accessed = {}, {}, {}
   for name, tx in candidates.items():
     state = tx.init(mat_params)
-    step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)[0])
+    step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)[0]).lower(mat_grads, state, mat_params).compile()
+    accessed[name] = bytes_accessed(step)
     results[name] = time_ms(step, mat_grads, state, mat_params, iters=_ITERS.value)
     updates[name] = step(mat_grads, state, mat_params)
     print(f'{name:24s} {results[name]:8.2f} ms', flush=True)
-  for impl in ('jnp', 'pallas'):
-    tx = muonclip(1e-3, ns_impl=impl)
-    state = tx.init(params)
-    step = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)[0])
-    results[f'muonclip/{impl}'] = time_ms(step, grads, state, params, iters=_ITERS.value)
-    print(f'muonclip/{impl:15s} {results[f"muonclip/{impl}"]:8.2f} ms', flush=True)
+    if name == 'muon' and _TRACE_DIR.value:
+      _, wall_ms = capture_trace(step, mat_grads, state, mat_params, trace_dir=_TRACE_DIR.value, name='muon_step')
+      profile = summarize_trace(_TRACE_DIR.value, 'muon_step')
+      print(f'profiled muon step: wall {wall_ms:.1f} ms, GPU kernels {profile["gpu_kernel_ms"]:.1f} ms')
+      for key in ('by_line', 'by_kernel'):
+        for line, ms in profile[key][:20]:
+          print(f'  {ms:8.2f}  {line}')
+    del state
+  tx = muon_adamw(1e-3)
+  state = tx.init(params)
+  results['muonclip (Muon + AdamW)'] = time_ms(jax.jit(lambda g, s, p: tx.update(g, s, p)[0]), grads, state, params,
+                                               iters=_ITERS.value)
+  del state
 
-  def rel(a, b):
-    a, b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(a)]), np.concatenate(
-        [np.ravel(x) for x in jax.tree.leaves(b)])
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-  pallas_vs_jnp = rel(updates['muon/pallas'], updates['muon/jnp'])
-  ours_vs_optax = rel(updates['muon/jnp, fp32 NS'], updates['optax.contrib.muon'])
+  # Newton-Schulz alone, on the normalized bf16 stacks Muon builds.
+  stacks = {}
+  for x in mat_grads.values():
+    stacks.setdefault(x.shape[-2:], []).append(normalized_matrices(x.reshape(-1, *x.shape[-2:]), 1e-7, jnp.bfloat16))
+  stacks = [jnp.concatenate(parts) for parts in stacks.values()]
+  ns_ms = time_ms(jax.jit(lambda stacks: [newton_schulz_steps_reference(s, NS_STEPS) for s in stacks]), stacks,
+                  iters=_ITERS.value)
+  del stacks
+  ns_tflops = flops / (ns_ms / 1e3) / 1e12
+  state_bytes = num_muon * (5 * 4 + 2 * 2)
+  floor_ms = (flops / (peak['best_tflops'] * 1e12) + state_bytes / bandwidth) * 1e3
+  print(f'Newton-Schulz alone {ns_ms:.2f} ms, {ns_tflops:.0f} TFLOP/s; floor {floor_ms:.1f} ms', flush=True)
 
-  device = jax.devices()[0]
-  best_ours = min(results['muon/jnp'], results['muon/pallas'])
+
+  ours_vs_optax = rel(updates['muon, fp32 NS'], updates['optax.contrib.muon'])
+  bf16_vs_fp32 = rel(updates['muon'], updates['muon, fp32 NS'])
+  optax_ms = results['optax.contrib.muon']
+  shapes = ', '.join(f'{count} x [{n}, {m}]' for (n, m), count in sorted(groups.items(), key=lambda kv: -kv[1]))
   lines = [
-      f'## Optimizer step, {_MODEL.value} ({datetime.date.today()}, {device.device_kind}, jax {jax.__version__})',
+      section_title(f'Optimizer step, {model_name}'),
       '',
-      f'Muon over {len(names)} matrices ({num_muon / 1e9:.3f}B parameters, expert stacks batched); '
-      f'median of {_ITERS.value} jitted steps. Produced by `python -m experiments.bench_optim`.',
+      f'Muon over {len(names)} parameters ({num_muon / 1e9:.3f}B, float32 parameters, gradients and momentum), '
+      f'batched by shape for Newton-Schulz: {shapes}. Median of back-to-back jitted steps (not donated). '
+      f'Produced by `python -m experiments.bench_optim {" ".join(sys.argv[1:])}`.',
       '',
-      '| candidate | ms / step | optax time / ours |',
-      '|---|---|---|',
+      '| candidate | ms / step | optax time / ours | bytes accessed (XLA cost analysis) |',
+      '|---|---|---|---|',
   ]
   for name, ms in results.items():
-    ratio = results['optax.contrib.muon'] / ms if not name.startswith('muonclip') else float('nan')
-    lines.append(f'| {name} | {ms:.2f} | {ratio:.2f} |' if ratio == ratio else f'| {name} | {ms:.2f} | - |')
+    ratio = f'{optax_ms / ms:.2f}' if name in candidates else '-'
+    gb = f'{accessed[name] / 1e9:.1f} GB' if accessed.get(name) else '-'
+    lines.append(f'| {name} | {ms:.2f} | {ratio} | {gb} |')
   lines += [
       '',
-      f'Fastest of ours vs optax.contrib.muon: {results["optax.contrib.muon"] / best_ours:.2f}x '
-      f'(>1 means ours is faster). Checks in the same run: pallas vs jnp update relative difference '
-      f'{pallas_vs_jnp:.2e}; our first step (fp32 NS) vs optax first step {ours_vs_optax:.2e}.',
-      '',
+      f'Newton-Schulz alone (bf16, {NS_STEPS} steps, float32 accumulation; the stacks above): {ns_ms:.2f} ms for '
+      f'{flops / 1e12:.2f} TFLOP = {ns_tflops:.0f} TFLOP/s, against a bf16 matmul peak of '
+      f'{peak["best_tflops"]:.0f} TFLOP/s ({peak["n"]}^3) measured in the same run '
+      f'({100 * ns_tflops / peak["best_tflops"]:.0f}%).',
+      f'Floor of the Muon step: Newton-Schulz at that peak ({flops / peak["best_tflops"] / 1e9:.1f} ms) plus one pass '
+      f'over the state, {state_bytes / 1e9:.1f} GB (read G, M, W and write M, the update in float32; the bf16 NS '
+      f'input and output) at the {bandwidth / 1e12:.2f} TB/s of a float32 copy ({state_bytes / bandwidth * 1e3:.1f} '
+      f'ms): {floor_ms:.1f} ms. Ours: {results["muon"]:.1f} ms ({results["muon"] / floor_ms:.2f}x the floor), '
+      f'{optax_ms / results["muon"]:.2f}x faster than optax.contrib.muon.',
+      f'Checks in the same run: our first step (fp32 NS) vs optax\'s first step, relative difference '
+      f'{ours_vs_optax:.2e}; bf16 vs fp32 Newton-Schulz, {bf16_vs_fp32:.2e}.',
   ]
-  with open(_OUT.value, 'w') as f:
-    f.write('\n'.join(lines))
-  print('\n'.join(lines))
+  text = write_section(_OUT.value, 'bench_optim', lines)
+  print(text)
 
 
 if __name__ == '__main__':

@@ -25,11 +25,11 @@ import optax
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from experiments import bench_train
+from experiments import bench_common
 from k2 import model as model_lib
 from k2 import sharding
 from k2.config import get_config
-from k2.optim import muonclip
+from k2.optim import muon_adamw
 from k2.train.step import StepSetup, init_state, train_step
 
 _MESHES = flags.DEFINE_string('meshes', "{'expert': 2};{'fsdp': 2}", 'Meshes to time after one GPU, ";"-separated.')
@@ -37,6 +37,10 @@ _MICRO = flags.DEFINE_integer('micro_batch', 4, 'Rows per GPU per micro-step.')
 _ACCUM = flags.DEFINE_integer('accum', 4, 'Micro-steps per optimizer update.')
 _STEPS = flags.DEFINE_integer('steps', 6, 'Timed steps per mesh (after 2 warm-up steps).')
 _SCALE_OUT = flags.DEFINE_string('scale_out', 'BENCHMARKS_scale.md', 'Markdown file the section is written to.')
+_MODEL = flags.DEFINE_string('bench_model', 'k2_small', 'Model variant (--model is k2.params\' flag).')
+_SEQ_LEN = flags.DEFINE_integer('seq_len', 4096, 'Tokens per row.')
+_DOCS = flags.DEFINE_integer('docs_per_row', 4, 'Documents packed into each row.')
+_SMOKE = flags.DEFINE_bool('smoke', False, 'k2_tiny, seq 64, on fake CPU devices: checks that the script runs.')
 
 _BATCH_SPEC = PartitionSpec(('data', 'fsdp', 'expert'))
 
@@ -46,7 +50,7 @@ def run_mesh(axis_sizes: dict[str, int], config, seq_len: int, flops_per_token: 
   devices = jax.devices()[:math.prod(sharding.mesh_shape(axis_sizes).values())]
   mesh = sharding.make_mesh(axis_sizes, devices)
   rows = _MICRO.value * len(devices) * _ACCUM.value
-  tx = muonclip(bench_train._LEARNING_RATE)
+  tx = muon_adamw(bench_common.LEARNING_RATE)
   result = {'mesh': axis_sizes, 'devices': len(devices), 'rows': rows, 'seq_len': seq_len}
   with sharding.use_mesh(mesh):
     model = model_lib.create(config, seed=0)
@@ -54,9 +58,9 @@ def run_mesh(axis_sizes: dict[str, int], config, seq_len: int, flops_per_token: 
     graphdef, state = init_state(model, tx)
     del model
     setup = StepSetup(graphdef=graphdef, model_config=config, optimizer=tx,
-                      schedule=optax.constant_schedule(bench_train._LEARNING_RATE), qk_clip_tau=100.0,
+                      schedule=optax.constant_schedule(bench_common.LEARNING_RATE), qk_clip_tau=100.0,
                       bias_update_rate=1e-3, grad_accum_steps=_ACCUM.value)
-    batch = bench_train.synthetic_batch(rows, seq_len, config.vocab_size, bench_train._DOCS.value)
+    batch = bench_common.synthetic_batch(rows, seq_len, config.vocab_size, _DOCS.value)
     batch = jax.device_put(batch, NamedSharding(mesh, _BATCH_SPEC))
     start = time.perf_counter()
     state, metrics = train_step(state, batch, setup)
@@ -92,9 +96,7 @@ def _peak_memory_gib(devices) -> float | None:
 def report(results: list[dict], config_name: str, seq_len: int, peak: float, seconds: float) -> list[str]:
   base = next((r for r in results if r.get('devices') == 1 and 'tokens_per_s' in r), None)
   lines = [
-      '<!-- bench_scale:start -->',
-      f'## Scale-out: {config_name} training on {jax.device_count()} x {jax.devices()[0].device_kind} '
-      f'({datetime.date.today()}, jax {jax.__version__})',
+      bench_common.section_title(f'Scale-out: {config_name} training on {jax.device_count()} devices'),
       '',
       f'One `train_step` (MuonClip, QK-Clip, router bias; bf16 compute) with {_MICRO.value} rows x {seq_len} tokens '
       f'per device per micro-step and {_ACCUM.value} micro-steps per update, parameters and optimizer state placed '
@@ -115,19 +117,19 @@ def report(results: list[dict], config_name: str, seq_len: int, peak: float, sec
     lines.append(f"| {r['mesh'] or 'one device'} | {r['devices']} | {r['rows']} x {r['seq_len']} | "
                  f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | "
                  f"{speedup} | {100 * r['mfu_per_device']:.1f}% | {memory} | {r['loss']:.4f} |")
-  lines += ['', f'Run time {seconds:.0f} s.', '<!-- bench_scale:end -->', '']
+  lines += ['', f'Run time {seconds:.0f} s.']
   return lines
 
 
 def main(argv):
   del argv
   begin = time.perf_counter()
-  smoke = bench_train._SMOKE.value
-  config_name = 'k2_tiny' if smoke else bench_train._MODEL.value
-  seq_len = 64 if smoke else bench_train._SEQ_LEN.value
+  smoke = _SMOKE.value
+  config_name = 'k2_tiny' if smoke else _MODEL.value
+  seq_len = 64 if smoke else _SEQ_LEN.value
   config = get_config(config_name, dtype='bfloat16')
-  flops = bench_train.flops_per_token(config, seq_len)['total']
-  peak = bench_train.matmul_peak(256 if smoke else 8192)['best_tflops']
+  flops = bench_common.flops_per_token(config, seq_len)['total']
+  peak = bench_common.matmul_peak(256 if smoke else 8192)['best_tflops']
   meshes = [{}] + [ast.literal_eval(text) for text in _MESHES.value.split(';') if text.strip()]
   results = []
   for axis_sizes in meshes:
@@ -137,13 +139,12 @@ def main(argv):
       traceback.print_exc()
       results.append({'mesh': axis_sizes, 'devices': math.prod(sharding.mesh_shape(axis_sizes).values()),
                       'error': str(error).splitlines()[0][:200]})
-    lines = report(results, config_name, seq_len, peak, time.perf_counter() - begin)
-    with open(_SCALE_OUT.value, 'w') as f:
-      f.write('\n'.join(lines))
+    text = bench_common.write_section(_SCALE_OUT.value, 'bench_scale',
+                                      report(results, config_name, seq_len, peak, time.perf_counter() - begin))
     with open(os.path.splitext(_SCALE_OUT.value)[0] + '.json', 'w') as f:
       json.dump({'results': results, 'peak': peak, 'device_kind': jax.devices()[0].device_kind,
                  'date': str(datetime.date.today())}, f, indent=1, default=str)
-  print('\n'.join(lines))
+  print(text)
 
 
 if __name__ == '__main__':

@@ -6,15 +6,12 @@
 Rerunning the same command on the same workdir resumes from its latest checkpoint.
 """
 
-import os
 import sys
 
-import gin
 from absl import app, flags, logging
 
 from k2.config import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _GIN_FILE = flags.DEFINE_multi_string('gin_file', ['configs/pretrain/tiny.gin'], 'Gin config files.')
 _GIN_BINDINGS = flags.DEFINE_multi_string('gin_bindings', [], 'Gin bindings, e.g. "NUM_STEPS = 10".')
 _WORKDIR = flags.DEFINE_string('workdir', '/tmp/k2_tiny', 'Checkpoints, metrics and the operative config go here.')
@@ -24,23 +21,12 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address: this process, 0-based.')
 
 
-def parse_gin(files, bindings) -> None:
-  """Parses gin files (includes resolve from the repo root too) or exits with a one-line error."""
-  gin.add_config_file_search_path(ROOT)
-  for name in files:
-    if not os.path.isfile(name) and not os.path.isfile(os.path.join(ROOT, name)):
-      sys.exit(f'error: bad gin config: no gin file {name}')
-  try:
-    gin.parse_config_files_and_bindings(files, bindings)
-  except (ValueError, OSError, KeyError, SyntaxError, NameError) as e:
-    sys.exit(f'error: bad gin config: {str(e).strip().splitlines()[0]}')
-
-
 def run(gin_files, gin_bindings, workdir: str) -> dict:
   """Parses the config and trains; any configuration problem exits with a one-line `error: ...`."""
+  from k2 import gin_setup
   from k2.train import pretrain  # registers the stage's gin configurables (and imports JAX, grain, TFDS)
-  parse_gin(gin_files, gin_bindings)
   try:
+    gin_setup.parse(gin_files, gin_bindings)
     return pretrain.train(workdir)
   except ConfigError as e:  # gin appends 'In call to configurable ...' lines
     sys.exit(f'error: {str(e).splitlines()[0]}')

@@ -31,6 +31,8 @@ from k2 import sharding
 from k2.config import MLAConfig, RopeConfig
 from k2.norms import RMSNorm
 from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.mla_decode import mla_decode
+from pallas_kernels.mla_decode import mla_decode_reference
 
 
 def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None,
@@ -52,17 +54,22 @@ def attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: j
   return out, max_logits
 
 
-def latent_attention_reference(q: jax.Array, cache: jax.Array, positions: jax.Array, latent_dim: int,
-                               sm_scale: float) -> jax.Array:
-  """Absorbed MLA attention over a latent cache (the decode form).
+def latent_attention(q: jax.Array, cache: jax.Array, positions: jax.Array, latent_dim: int, sm_scale: float,
+                     impl: str = 'auto') -> jax.Array:
+  """Absorbed MLA attention over a latent cache (the decode form), by RuntimeConfig.attention_impl.
 
   q [B, T, H, C + R] (the absorbed nope query, then the rotated rope query), cache [B, S, C + R], positions [B, T]:
   a query at position p sees slots 0..p. Returns the attention-weighted latents [B, T, H, C] in the cache's dtype.
+  'flash' is the length-aware Pallas decode kernel of pallas_kernels/mla_decode (it reads only the filled slots,
+  compiled on GPU/TPU, interpreted on CPU); 'reference' is its plain-jnp `mla_decode_reference`; 'auto' is the
+  kernel on GPU/TPU and the reference on CPU. H200 figures: BENCHMARKS.md (bench_sample).
   """
-  logits = jnp.einsum('BTHK,BSK->BHTS', q.astype(cache.dtype), cache, preferred_element_type=jnp.float32) * sm_scale
-  mask = jnp.arange(cache.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
-  probs = jax.nn.softmax(jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min), axis=-1)
-  return jnp.einsum('BHTS,BSC->BTHC', probs.astype(cache.dtype), cache[..., :latent_dim])
+  if impl == 'auto':
+    impl = 'reference' if jax.default_backend() == 'cpu' else 'flash'
+  attend = mla_decode if impl == 'flash' else mla_decode_reference
+  # One call per new token (decode has T = 1): each query has its own number of visible slots.
+  return jnp.stack([attend(q[:, t], cache, positions[:, t] + 1, kv_lora_rank=latent_dim, sm_scale=sm_scale)[0]
+                    for t in range(q.shape[1])], axis=1)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, sm_scale: float,
@@ -141,8 +148,8 @@ class MLA(nnx.Module):
     if decode:
       w_k, w_v = w(self.kv_b_proj)[..., :c.qk_nope_head_dim], w(self.kv_b_proj)[..., c.qk_nope_head_dim:]
       q_absorbed = jnp.einsum('BTHN,CHN->BTHC', q_nope, w_k, preferred_element_type=jnp.float32).astype(dtype)
-      out_latent = latent_attention_reference(jnp.concatenate([q_absorbed, q_rope.astype(dtype)], axis=-1), cache,
-                                              positions, c.kv_lora_rank, sm_scale)
+      out_latent = latent_attention(jnp.concatenate([q_absorbed, q_rope.astype(dtype)], axis=-1), cache, positions,
+                                    c.kv_lora_rank, sm_scale, self.attention_impl)
       out = jnp.einsum('BTHC,CHV->BTHV', out_latent, w_v)
       max_logits = jnp.full(q.shape[:1] + q.shape[2:3], -jnp.inf, jnp.float32)  # not measured while decoding
     else:

@@ -2,7 +2,9 @@
 
 The architecture (MLAConfig, MoEConfig, RopeConfig and ModelConfig's own fields) says what a checkpoint stores;
 `RuntimeConfig` says how the model computes (kernels, rematerialization, compute dtype), so a checkpoint restores
-under any runtime. Named variants (`k2_full`, `k2_small`, `k2_tiny`) live in `VARIANTS`; `get_config(name)` returns one. Numbers for
+under any runtime.
+
+Named variants (`k2_full`, `k2_small`, `k2_tiny`) live in `VARIANTS`; `get_config(name)` returns one. Numbers for
 `k2_full` are `shared/K2_REFERENCE.md` section 1 (the Kimi K2 technical report, arXiv 2507.20534).
 """
 
@@ -94,7 +96,7 @@ class RuntimeConfig:
   remat_policy: str = 'none'
 
 
-# ModelConfig's components, in the order `ModelConfig.replace` looks a flat field name up in them.
+# ModelConfig's components; `ModelConfig.replace` takes their fields by name.
 COMPONENTS = ('runtime', 'attention', 'moe', 'rope')
 
 
@@ -122,11 +124,6 @@ class ModelConfig:
   @property
   def num_moe_layers(self) -> int:
     return self.num_layers - self.first_k_dense
-
-  @property
-  def dtype(self) -> str:
-    """The compute dtype, runtime.dtype."""
-    return self.runtime.dtype
 
   def architecture(self) -> dict:
     """The fields that say what a checkpoint stores (everything but `runtime`), as nested dicts."""

@@ -223,10 +223,9 @@ def expert_parallel(x: jax.Array, gates: jax.Array, expert_ids: jax.Array, w_gat
   num_experts, width, inner = w_gate.shape
   num_shards = mesh.shape[EXPERT_AXIS]
   _check_expert_axis(num_experts, mesh)
-  impl = ep_impl
-  if impl == 'auto':  # dropless everywhere: on CPU, a capacity exchange whose buffers hold every local copy
-    impl, capacity_factor = ('capacity', num_shards) if mesh.devices.flat[0].platform == 'cpu' else ('ragged', 0)
-  if impl == 'ragged' and ragged_all_to_all is jax.lax.ragged_all_to_all and mesh.devices.flat[0].platform == 'cpu':
+  if ep_impl == 'auto':  # dropless everywhere: on CPU, a capacity exchange whose buffers hold every local copy
+    ep_impl, capacity_factor = ('capacity', num_shards) if mesh.devices.flat[0].platform == 'cpu' else ('ragged', 0)
+  if ep_impl == 'ragged' and ragged_all_to_all is jax.lax.ragged_all_to_all and mesh.devices.flat[0].platform == 'cpu':
     raise ConfigError("ep_impl='ragged' needs ragged_all_to_all, which XLA:CPU lacks; use 'auto' or 'capacity'")
   token_axes = _as_tuple(sharding.logical_to_spec(('tokens', None), (num_tokens, width), mesh, rules)[0])
   mlp_axes = _as_tuple(sharding.logical_to_spec(('expert', None, 'mlp'), (num_experts, width, inner), mesh,
@@ -250,7 +249,7 @@ def expert_parallel(x: jax.Array, gates: jax.Array, expert_ids: jax.Array, w_gat
     flat_ids = expert_ids.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)
     sorted_x, sorted_ids = jnp.take(x, order // top_k, axis=0), jnp.take(flat_ids, order)
-    if impl == 'capacity':
+    if ep_impl == 'capacity':
       sorted_y, dropped = capacity_exchange(sorted_x, sorted_ids, expert_fn, local_experts=local_experts,
                                             num_shards=num_shards, capacity=capacity)
     else:

@@ -269,7 +269,7 @@ def format_plan(result: dict, model_name: str, config: ModelConfig, batch: int, 
   all_unit, all_size = _unit(max(all_chips['total'], unsharded['params']))
   lines = [
       f'{model_name} on mesh {result["mesh"]}: {result["chips"]} chips, {hbm_gib:g} GiB HBM each',
-      f'params {config.param_dtype}, compute {config.dtype}; batch {batch} x {seq} tokens, grad_accum '
+      f'params {config.param_dtype}, compute {config.runtime.dtype}; batch {batch} x {seq} tokens, grad_accum '
       f'{grad_accum} (micro-batch {result["micro_batch_rows"]} rows, {result["tokens_per_chip"]} tokens per chip), '
       f'remat {result["remat"]}',
       '',
@@ -325,6 +325,15 @@ def report(model_name: str, mesh_text: str, chips: int, *, hbm_gib: float, batch
   return format_plan(result, model_name, config, batch, seq, grad_accum)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, except that asking for help (--help, --helpshort, -?, --helpfull) prints it and exits 0:
+  absl ends help with status 1, which reads as a failure to scripts and CI."""
+  requested = [arg.lstrip('-') for arg in argv[1:] if arg in ('--help', '-help', '--helpshort', '-?', '--helpfull')]
+  if requested:
+    app.usage(shorthelp='helpfull' not in requested, writeto_stdout=True, exitcode=0)
+  return app.parse_flags_with_usage(argv)
+
+
 def main(argv):
   del argv
   print(report(flags.FLAGS.model, _MESH.value, _CHIPS.value, hbm_gib=_HBM_GIB.value, batch=_BATCH.value, seq=_SEQ.value,
@@ -334,4 +343,4 @@ def main(argv):
 
 if __name__ == '__main__':
   jax.config.update('jax_platforms', 'cpu')
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

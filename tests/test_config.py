@@ -12,6 +12,7 @@ from flax import nnx
 from k2 import model as model_lib
 from k2 import params
 from k2.config import ConfigError, RuntimeConfig, get_config, make_config
+from k2.norms import RMSNorm
 from k2.train.checkpoint import Checkpointer
 
 
@@ -109,6 +110,15 @@ def test_overrides_reach_their_component():
     get_config('k2_tiny', num_expert=16)
   with pytest.raises(ConfigError, match="ep_impl must be 'auto', 'ragged' or 'capacity', got 'x'"):
     get_config('k2_tiny', ep_impl='x')
+
+
+def test_one_rms_norm_eps_reaches_every_norm():
+  """ModelConfig.rms_norm_eps is the eps of the layer norms, the final norm and MLA's q and kv latent norms."""
+  model = model_lib.abstract(get_config('k2_tiny', num_layers=2, rms_norm_eps=1e-3))
+  norms = {'/'.join(map(str, path)): module.eps for path, module in nnx.iter_modules(model)
+           if isinstance(module, RMSNorm)}
+  assert len(norms) == 2 * 4 + 1 and set(norms.values()) == {1e-3}, norms
+  assert norms['layers/1/attn/kv_a_norm'] == norms['layers/1/attn/q_a_norm'] == 1e-3
 
 
 def test_checkpoint_restores_under_another_runtime(tmp_path):

@@ -158,3 +158,10 @@ def test_cli_prints_a_table_and_says_whether_it_fits():
   # k2_small (2B parameters, float32, with gradients and optimizer state) on 8 chips of 1 GiB: far too big.
   short = plan_lib.report('k2_small', "{'expert': 8}", 8, hbm_gib=1, batch=8, seq=512, remat='full')
   assert short.splitlines()[-1].startswith('does not fit: ')
+
+
+@pytest.mark.parametrize('flag', ['--help', '--helpfull'])
+def test_cli_help_exits_0(flag):
+  result = subprocess.run([sys.executable, '-m', 'k2.plan', flag], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.startswith('Per-chip memory plan') and '--mesh' in result.stdout and '--hbm_gib' in result.stdout

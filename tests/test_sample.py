@@ -135,8 +135,8 @@ def test_absorbed_attention_equals_attention_over_expanded_keys():
   positions = np.array([[2, 3, 4], [4, 5, 6]])
   w_k, w_v = kv_b_proj[..., :nope], kv_b_proj[..., nope:]
   q = np.concatenate([np.einsum('bthn,chn->bthc', q_nope, w_k), q_rope], -1)
-  out_latent = attention.latent_attention_reference(jnp.asarray(q), jnp.asarray(cache), jnp.asarray(positions), rank,
-                                                    0.3)
+  out_latent = attention.latent_attention(jnp.asarray(q), jnp.asarray(cache), jnp.asarray(positions), rank, 0.3,
+                                          impl='reference')
   absorbed = np.einsum('bthc,chv->bthv', np.asarray(out_latent), w_v)
   keys = np.concatenate([np.einsum('bsc,chn->bshn', cache[..., :rank], w_k),
                          np.broadcast_to(cache[:, :, None, rank:], (batch, slots, heads, rope))], -1)

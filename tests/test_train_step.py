@@ -257,3 +257,16 @@ def test_a_stage_loss_with_its_own_aux_reduces_by_its_rules():
   with pytest.raises(ValueError, match='no reduction rule'):
     setup, state = setup_and_state(qk_clip_tau=None, loss_fn=sequence_loss)
     step_lib.train_step(state, data, setup)
+
+
+def test_eval_step_uses_the_stage_loss_chunked_like_training():
+  data = jax.tree.map(jnp.asarray, batch(seq=32))
+  data['mask'] = data['mask'].at[:, ::3].set(0.0)
+  setup, state = setup_and_state(qk_clip_tau=None)
+  loss_sum, count = step_lib.eval_step(state, data, setup)
+  setup, state = setup_and_state(qk_clip_tau=None, loss_chunk=8)
+  chunked_sum, chunked_count = step_lib.eval_step(state, data, setup)
+  assert float(count) == float(chunked_count) == float(np.sum(np.asarray(data['mask'])))
+  assert float(chunked_sum) == pytest.approx(float(loss_sum), rel=1e-6)
+  train_loss, _, _ = jax.jit(step_lib._gradients, static_argnums=2)(state, data, setup)
+  assert float(train_loss) == pytest.approx(float(loss_sum) / float(count), rel=1e-6)

@@ -16,9 +16,14 @@ matrices of each shape are dealt out, whole, to the devices with all-to-alls, ea
 own share, and the results go back to the parameters' layout (`_orthogonalize_split`). Without the split, every
 device would gather and orthogonalize every matrix.
 
+Newton-Schulz itself lives beside its kernel in `pallas_kernels/newton_schulz`: the jnp reference (XLA's batched
+matmuls, the fast path on GPU) and a Pallas kernel for TPU. Same-shape matrices of all layers and experts run as
+one batch (`orthogonalize_by_shape`).
+
 QK-Clip (the "Clip" of MuonClip) runs after this update and lives in its own module.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -29,121 +34,76 @@ import numpy as np
 import optax
 
 from k2.sharding import DEFAULT_RULES
+from pallas_kernels.newton_schulz import NS_COEFFS
+from pallas_kernels.newton_schulz import newton_schulz_steps
+from pallas_kernels.newton_schulz import newton_schulz_steps_reference
+from pallas_kernels.newton_schulz import normalized_matrices
 
-# (a, b, c) of the quintic Newton-Schulz step X <- a X + (b A + c A^2) X, A = X X^T (Keller Jordan's coefficients,
-# used unchanged by Moonlight and K2): they maximise the slope at zero, so small singular values grow fast; the
-# singular values end in roughly [0.7, 1.2] rather than exactly 1, which does not hurt training.
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
 NS_IMPLS = ('auto', 'jnp', 'pallas')
 SHARD_NS_OPTIONS = ('auto', True, False)
 # Mesh axes that split the leading dim of expert stacks [E, n, m] (k2.sharding's 'expert' rule). Sharded Newton-
 # Schulz keeps them on that dim and adds the others after them, so expert stacks never move over these axes. Only
 # a layout hint: any mesh gives the same update.
 STACK_AXES = tuple(DEFAULT_RULES['expert'])
+# Added to each matrix's Frobenius norm before dividing by it (keeps a zero matrix at zero).
+NS_EPS = 1e-7
 
 
-def normalized_wide_matrices(x: jax.Array, eps: float, dtype: jnp.dtype) -> tuple[jax.Array, bool]:
-  """The Newton-Schulz starting point X0 = x / (||x||_F + eps), per matrix, in the wide orientation.
-
-  Args:
-    x: [..., n, m]; leading axes are a batch of independent matrices.
-    eps: keeps an all-zero matrix at zero instead of NaN.
-    dtype: dtype of the returned X0 (the norm itself is taken in float32).
-
-  Returns:
-    (X0, transposed): X0 is [..., min(n, m), max(n, m)]; `transposed` says whether x was tall (n > m) and was
-    transposed, so the caller transposes the result back.
-  """
-  transposed = x.shape[-2] > x.shape[-1]
-  # Wide orientation: A = X X^T is then the smaller of the two Gram matrices (min(n, m)^2 entries).
-  wide = jnp.swapaxes(x, -1, -2) if transposed else x
-  wide = wide.astype(jnp.float32)
-  frobenius_norm = jnp.sqrt(jnp.sum(jnp.square(wide), axis=(-2, -1), keepdims=True))
-  return (wide / (frobenius_norm + eps)).astype(dtype), transposed
-
-
-def _f32(x: jax.Array) -> jax.Array:
-  return x.astype(jnp.float32)
-
-
-def _matmul_f32(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
-  return jnp.matmul(lhs, rhs, preferred_element_type=jnp.float32)
+def _steps_implementation(ns_impl: str) -> Callable[..., jax.Array]:
+  """The Newton-Schulz steps (on normalized matrices) for `ns_impl`: 'auto' is the Pallas kernel on TPU and
+  the jnp reference elsewhere. The kernel has no GPU backend: on an H200, XLA's batched cuBLAS matmuls beat it at
+  Muon's shapes (BENCHMARKS.md, bench_optim)."""
+  if ns_impl not in NS_IMPLS:
+    raise ValueError(f'muon: ns_impl must be one of {NS_IMPLS}, got {ns_impl!r}')
+  if ns_impl == 'auto':
+    ns_impl = 'pallas' if jax.default_backend() == 'tpu' else 'jnp'
+  return newton_schulz_steps if ns_impl == 'pallas' else newton_schulz_steps_reference
 
 
 def newton_schulz(
     x: jax.Array,
     steps: int = 5,
     coeffs: tuple[float, float, float] = NS_COEFFS,
-    eps: float = 1e-7,
+    eps: float = NS_EPS,
     dtype: jnp.dtype = jnp.bfloat16,
+    ns_impl: str = 'auto',
 ) -> jax.Array:
-  """Approximate orthogonalization U V^T of x = U S V^T by a quintic Newton-Schulz iteration (plain-jnp reference).
-
-  Every step is a polynomial in X X^T applied to X, so it maps the singular values and keeps the singular vectors:
-  X <- a X + (b A + c A A) X with A = X X^T. X, A and B are held in `dtype`; each product accumulates in float32
-  and its linear combination is formed in float32 before one rounding to `dtype` (what a bf16 matmul with a fused
-  epilogue does on GPU/TPU, so the numerics do not depend on how XLA fuses the element-wise ops). This is the
-  reference for the Pallas kernel in `pallas_kernels/newton_schulz`, which re-exports it.
-
-  Args:
-    x: [..., n, m]; leading axes are a batch of independent matrices (e.g. the experts of a stacked MoE weight).
-    steps: number of Newton-Schulz steps (5 in Moonlight and K2).
-    coeffs: (a, b, c) of the quintic step.
-    eps: added to the Frobenius norm before dividing.
-    dtype: dtype the iteration runs in; bfloat16 is the reference precision (Moonlight, K2), float32 is allowed.
-
-  Returns:
-    [..., n, m] in x's dtype.
-  """
+  """Approximate orthogonalization U V^T of x = U S V^T ([..., n, m], leading axes a batch of matrices), as Muon
+  does it: X0 = x / (||x||_F + eps), then `steps` quintic steps in `dtype`
+  (`pallas_kernels.newton_schulz.newton_schulz_reference` defines them). Returns [..., n, m] in x's dtype."""
   if x.ndim < 2:
     raise ValueError(f'newton_schulz needs [..., n, m] matrices, got shape {x.shape}')
-  a, b, c = coeffs
-  matrices, transposed = normalized_wide_matrices(x, eps, dtype)
-  for _ in range(steps):  # unrolled: `steps` is a small static int
-    gram = _matmul_f32(matrices, jnp.swapaxes(matrices, -1, -2)).astype(dtype)  # A = X X^T, [..., n, n], n <= m
-    polynomial = (b * _f32(gram) + c * _matmul_f32(gram, gram)).astype(dtype)  # B = b A + c A^2
-    matrices = (a * _f32(matrices) + _matmul_f32(polynomial, matrices)).astype(dtype)  # X <- a X + B X
-  if transposed:
-    matrices = jnp.swapaxes(matrices, -1, -2)
+  matrices = _steps_implementation(ns_impl)(normalized_matrices(x, eps, dtype), steps=steps, coeffs=coeffs)
   return matrices.astype(x.dtype)
 
 
-def _pallas_newton_schulz(x, steps, coeffs, eps, dtype):
-  # Imported here, not at the top: pallas_kernels.newton_schulz.reference re-exports `newton_schulz` from this
-  # module, so a top-level import would be circular.
-  from pallas_kernels.newton_schulz import ops
-  return ops.newton_schulz(x, steps=steps, coeffs=coeffs, eps=eps, dtype=dtype)
+def orthogonalize_by_shape(tree: optax.Updates, run_steps: Callable[[jax.Array], jax.Array], *, eps: float,
+                           dtype: jnp.dtype, mesh: jax.sharding.AbstractMesh | None = None) -> optax.Updates:
+  """Newton-Schulz on every matrix of `tree` ([n, m] or [batch, n, m] leaves), returned in `dtype`.
 
-
-def _orthogonalizer(ns_impl: str) -> Callable[..., jax.Array]:
-  """The Newton-Schulz implementation for `ns_impl`; 'auto' is the Pallas kernel on TPU and jnp elsewhere (on an
-  H200 the batched jnp path beats the Triton kernel: BENCHMARKS.md, 74.8 vs 86.1 ms per k2_small step)."""
-  if ns_impl == 'auto':
-    ns_impl = 'pallas' if jax.default_backend() == 'tpu' else 'jnp'
-  return _pallas_newton_schulz if ns_impl == 'pallas' else newton_schulz
-
-
-def orthogonalize_by_shape(tree: optax.Updates, orthogonalize: Callable[[jax.Array], jax.Array],
-                           mesh: jax.sharding.AbstractMesh | None = None) -> optax.Updates:
-  """Applies `orthogonalize` ([batch, n, m] -> same) once per distinct matrix shape [n, m], to every matrix of
-  that shape in `tree` stacked together: a model's layers repeat the same shapes, so a few large batched
-  Newton-Schulz calls replace one small call per leaf (which leaves an accelerator mostly idle).
+  Each leaf is normalized on its own (X0 = x / (||x||_F + eps), rounded once to `dtype`), then all matrices of one
+  shape [n, m] are stacked and `run_steps` ([k, n, m] -> same) runs once per shape: a model's layers and experts
+  repeat the same shapes (k2_small: over two thousand expert matrices in two shapes), so a few large batched
+  matmuls replace one small call per leaf, which would leave an accelerator mostly idle. Only the `dtype` copies
+  are stacked, never the float32 inputs, and nothing is transposed (tall matrices take the Gram matrix of their
+  columns, see `newton_schulz_steps_reference`).
 
   With a `mesh` (see `ns_mesh`), each stack is split over all its devices and every device orthogonalizes only
   its own whole matrices (`_orthogonalize_split`); without one, the whole stack is orthogonalized where it is.
   """
   leaves, treedef = jax.tree.flatten(tree)
-  groups: dict[tuple[int, ...], list[int]] = {}
+  groups: dict[tuple[int, int], list[int]] = {}
+  starts = []
   for i, leaf in enumerate(leaves):
+    starts.append(normalized_matrices(leaf.reshape(-1, *leaf.shape[-2:]), eps, dtype))
     groups.setdefault(leaf.shape[-2:], []).append(i)
   out = list(leaves)
-  for shape, indices in groups.items():
-    dtype = jnp.result_type(*(leaves[i].dtype for i in indices))
-    stacks = [leaves[i].reshape(-1, *shape).astype(dtype) for i in indices]
+  for indices in groups.values():
+    stacks = [starts[i] for i in indices]
     if mesh is None:
-      results = jnp.split(orthogonalize(jnp.concatenate(stacks)), np.cumsum([len(s) for s in stacks])[:-1])
+      results = jnp.split(run_steps(jnp.concatenate(stacks)), np.cumsum([len(s) for s in stacks])[:-1])
     else:
-      results = _orthogonalize_split(stacks, orthogonalize, mesh)
+      results = _orthogonalize_split(stacks, run_steps, mesh)
     for i, result in zip(indices, results):
       out[i] = result.reshape(leaves[i].shape)
   return jax.tree.unflatten(treedef, out)
@@ -288,7 +248,8 @@ def muon(
     weight_decay: decoupled weight decay, multiplied by the learning rate (0.1 in K2 pre-training).
     rms_scale: target update RMS; the orthogonalized update is scaled by rms_scale * sqrt(max(n, m)).
     mu_dtype: dtype of the momentum buffers; None keeps each parameter's dtype.
-    ns_impl: 'jnp' (reference), 'pallas' (fused kernel) or 'auto' (Pallas on TPU, jnp on GPU and CPU).
+    ns_impl: 'jnp' (the reference, XLA's batched matmuls), 'pallas' (the Mosaic kernel: TPU, or interpreted on
+      CPU) or 'auto' (Pallas on TPU, jnp on GPU and CPU).
     ns_dtype: dtype the Newton-Schulz iteration runs in (bfloat16 is the reference precision).
     shard_ns: split Newton-Schulz over the devices of the active mesh (`k2.sharding.use_mesh`): each device
       orthogonalizes a disjoint share of the whole matrices, moved there and back by all-to-all, instead of every
@@ -299,8 +260,7 @@ def muon(
     A GradientTransformation over a pytree whose leaves are all [n, m] or [batch, n, m]. `update` needs `params`
     (for the weight decay) and returns the final update, to be added to params (`optax.apply_updates`).
   """
-  if ns_impl not in NS_IMPLS:
-    raise ValueError(f'muon: ns_impl must be one of {NS_IMPLS}, got {ns_impl!r}')
+  _steps_implementation(ns_impl)  # checks ns_impl
   if shard_ns not in SHARD_NS_OPTIONS:
     raise ValueError(f'muon: shard_ns must be one of {SHARD_NS_OPTIONS}, got {shard_ns!r}')
 
@@ -314,8 +274,11 @@ def muon(
       raise ValueError('muon: update needs params (decoupled weight decay W_t uses W_{t-1}); call '
                        'optimizer.update(grads, state, params)')
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    orthogonalize = _orthogonalizer(ns_impl)
+    run_steps = functools.partial(_steps_implementation(ns_impl), steps=ns_steps, coeffs=ns_coeffs)
 
+    # XLA fuses the element-wise work into three passes over the float32 state (H200 profile, BENCHMARKS.md): the
+    # directions' Frobenius norms (read G, M_{t-1}); the momentum with the normalized ns_dtype stacks (read G,
+    # M_{t-1}; write M_t and X0); the update (read O_t in ns_dtype and W_{t-1}). Newton-Schulz runs in between.
     def momentum_step(grad, momentum_buffer):
       new_momentum = momentum * momentum_buffer + grad  # M_t (promoted dtype, cast down only for storage)
       direction = momentum * new_momentum + grad if nesterov else new_momentum
@@ -323,9 +286,8 @@ def muon(
 
     pairs = jax.tree.map(momentum_step, grads, state.momentum)
     directions, new_momentum = jax.tree.transpose(jax.tree.structure(params), jax.tree.structure((0, 0)), pairs)
-    orthogonalized = orthogonalize_by_shape(
-        directions, lambda x: orthogonalize(x, steps=ns_steps, coeffs=ns_coeffs, eps=1e-7, dtype=ns_dtype),
-        ns_mesh(shard_ns))
+    orthogonalized = orthogonalize_by_shape(directions, run_steps, eps=NS_EPS, dtype=ns_dtype,
+                                            mesh=ns_mesh(shard_ns))
 
     def leaf_update(direction, param):
       scaled = direction.astype(jnp.float32) * _update_rms_scale(param.shape, rms_scale)

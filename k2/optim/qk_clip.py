@@ -52,18 +52,17 @@ def column_scales(gamma: jax.Array, head_dim: int, num_sqrt: int) -> jax.Array:
 
 
 def rescale_heads(weight: jax.Array, scales: jax.Array) -> jax.Array:
-  """weight [..., H, K] * scales [H, K] (the jnp reference of the Pallas rescale kernel)."""
+  """weight [..., H, K] * scales [H, K], in float32, back in the weight's dtype. An elementwise pass XLA fuses; a
+  Pallas kernel for it was 23x slower on the H200 (BENCHMARKS.md, bench_optim) and was deleted."""
   return (weight.astype(jnp.float32) * scales).astype(weight.dtype)
 
 
-def qk_clip(params, max_logits: jax.Array, tau: float, model_config: ModelConfig, *, rescale=None):
+def qk_clip(params, max_logits: jax.Array, tau: float, model_config: ModelConfig):
   """Returns (params with clipped heads rescaled, stats).
 
   max_logits: [num_layers, H] float32, the forward's aux['max_logits'] already reduced over the global batch.
   stats: {'clipped_heads': int32 count of heads over tau, 'max_logit_per_layer': [num_layers] float32}.
-  rescale: optional kernel with the signature of `rescale_heads` (pallas_kernels.qk_clip provides one).
   """
-  rescale = rescale or rescale_heads
   att = model_config.attention
   gamma = head_scales(max_logits, tau)  # [L, H]
   nope, qk = att.qk_nope_head_dim, att.qk_head_dim
@@ -93,7 +92,7 @@ def qk_clip(params, max_logits: jax.Array, tau: float, model_config: ModelConfig
       scales = column_scales(layer_gamma, head_dim, 0)
     else:
       return weight
-    return rescale(weight, scales)
+    return rescale_heads(weight, scales)
 
   clipped = jax.tree_util.tree_map_with_path(clip_leaf, params)
   stats = {'clipped_heads': jnp.sum(max_logits > tau).astype(jnp.int32),

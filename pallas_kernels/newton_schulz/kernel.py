@@ -1,21 +1,21 @@
-"""Pallas kernels for the Newton-Schulz steps of Muon, on GPU (Triton) and TPU (Mosaic).
+"""Pallas (Mosaic, TPU) kernels for the Newton-Schulz steps of Muon.
 
 One Newton-Schulz step on a wide matrix X [n, m] (n <= m) is three matrix products:
 
-    A  = X X^T              [n, n]
-    B  = b A + c A A        [n, n]
-    X' = a X + B X          [n, m]
+    A  = X X^T                    [n, n]
+    P  = a I + b A + c (A A)      [n, n]
+    X' = P X                      [n, m]   (= a X + (b A + c A A) X)
 
 Two ways to run the steps on a stack X [batch, n, m] (already normalized, padded and in the iteration dtype):
-  * fused: one program per matrix holds X, A and B on chip and runs all the steps (small matrices only);
-  * tiled: each product is one pallas_call over output tiles, with the linear combination (b A + c .., a X + ..)
-    fused into the epilogue, so every step is three passes over HBM and no separate element-wise pass.
-Products accumulate in float32; A, B and X are rounded to the iteration dtype between products, as the jnp
-reference does (it computes each product in that dtype).
+  * fused: one program per matrix holds X, A and P in VMEM and runs all the steps (small matrices only);
+  * tiled: each product is one pallas_call over output tiles, with the linear combination (a I + b A + c ..)
+    fused into the epilogue, so every step is three passes over HBM and no separate element-wise pass. The grid
+    runs in order, so the contraction is the last ("arbitrary") grid axis and a VMEM scratch accumulates across it.
+Products accumulate in float32; A, A A, P and X are rounded to the iteration dtype where the jnp reference
+(reference.py) rounds them.
 
-The backends differ only in the tiled product: Triton programs run in parallel, so each one loops over the
-contraction inside the kernel; Mosaic runs the grid in order, so the contraction is the last ("arbitrary") grid
-axis and a VMEM scratch accumulates across it.
+There is no GPU (Triton) backend: on an H200, XLA's batched cuBLAS matmuls beat the Triton kernels at Muon's shapes
+(BENCHMARKS.md, bench_optim), so Muon runs the jnp reference there.
 """
 
 import dataclasses
@@ -25,11 +25,10 @@ import jax
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
-from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 
-TRITON = 'triton'
-MOSAIC = 'mosaic'
+# Smallest side of a padded matrix: one 128-lane vreg row.
+MIN_TILE = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,56 +36,48 @@ class BlockSizes:
   """Tile sizes of the Newton-Schulz kernels; all powers of two.
 
   Attributes:
-    block_rows: rows of one output tile (of A, B or X').
+    block_rows: rows of one output tile (of A, P or X').
     block_cols: columns of one output tile.
-    block_contract: length of the contraction slice multiplied at a time.
+    block_contract: length of the contraction slice multiplied at a time (one grid step).
     fused_max_dim: a stack whose padded n and m are both <= this runs the fused kernel (one program per matrix,
-      all steps on chip); larger ones run the tiled kernels.
-    num_warps: Triton only: warps per program of the tiled kernels.
-    num_stages: Triton only: software-pipelining depth of the contraction loop.
+      all steps in VMEM); larger ones run the tiled kernels. MXU-sized tiles; a fused 512 x 512 problem keeps X,
+      A, A A and P well inside VMEM.
   """
-  block_rows: int = 128
-  block_cols: int = 128
-  block_contract: int = 64
-  fused_max_dim: int = 64
-  num_warps: int = 8
-  num_stages: int = 3
-
-  @classmethod
-  def for_backend(cls, backend: str) -> 'BlockSizes':
-    if backend == MOSAIC:
-      # MXU-sized tiles; a fused 512 x 512 problem keeps X, A, A A and B well inside VMEM.
-      return cls(block_rows=256, block_cols=256, block_contract=512, fused_max_dim=512)
-    # Triton tiles: 128 x 128 outputs, 3-stage pipelined 64-wide slices (96 KiB of shared memory in bf16). On an
-    # H200, 8 x [2048, 7168] bf16: 11.4 ms (128 x 256 outputs: 10.6 ms; XLA's cuBLAS reference: 9.5 ms).
-    return cls()
+  block_rows: int = 256
+  block_cols: int = 256
+  block_contract: int = 512
+  fused_max_dim: int = 512
 
   @property
   def largest_block(self) -> int:
     return max(self.block_rows, self.block_cols, self.block_contract)
 
 
-def min_tile(backend: str) -> int:
-  """Smallest side a padded matrix gets: 16 for Triton's tl.dot, a 128-lane vreg row for Mosaic."""
-  return 128 if backend == MOSAIC else 16
-
-
-def padded_size(size: int, backend: str, block_sizes: BlockSizes) -> int:
+def padded_size(size: int, block_sizes: BlockSizes) -> int:
   """`size` rounded up so that every tile clamped to it, min(block, padded), divides it.
 
-  Small sides go to the next power of two (Triton arrays must have power-of-two shapes); large ones to a multiple
-  of the largest block, which every (power-of-two) block divides.
+  Small sides go to the next power of two (at least MIN_TILE); large ones to a multiple of the largest block,
+  which every (power-of-two) block divides.
   """
-  power_of_two = pl.next_power_of_2(max(size, min_tile(backend)))
+  power_of_two = pl.next_power_of_2(max(size, MIN_TILE))
   tile = min(block_sizes.largest_block, power_of_two)
   return pl.cdiv(size, tile) * tile
 
 
-def _combine(product, residual, residual_scale: float, product_scale: float):
-  """product_scale * product + residual_scale * residual, in float32 (the epilogue of every product)."""
-  combined = product_scale * product
+def _epilogue(product, residual, *, product_scale: float, residual_scale: float, identity_scale: float,
+              row_offset=0, col_offset=0):
+  """product_scale * product + residual_scale * residual + identity_scale * I, in float32, for an output tile
+  whose first element sits at (row_offset, col_offset) of the whole matrix. With a residual, the product is first
+  rounded to the residual's dtype (the reference rounds A A before forming P)."""
+  if residual is not None:
+    product = product.astype(residual.dtype)
+  combined = product_scale * product.astype(jnp.float32)
   if residual is not None:
     combined = combined + residual_scale * residual.astype(jnp.float32)
+  if identity_scale:
+    rows = row_offset + lax.broadcasted_iota(jnp.int32, product.shape, 0)
+    cols = col_offset + lax.broadcasted_iota(jnp.int32, product.shape, 1)
+    combined = combined + jnp.where(rows == cols, identity_scale, 0.0)
   return combined
 
 
@@ -97,24 +88,22 @@ def _dot(lhs, rhs, *, transpose_rhs: bool):
 
 
 def _fused_steps_kernel(x_ref, out_ref, *, steps: int, coeffs: tuple[float, float, float]):
-  """All Newton-Schulz steps on one matrix held on chip. x_ref, out_ref: [n, m]."""
+  """All Newton-Schulz steps on one matrix held in VMEM. x_ref, out_ref: [n, m]."""
   a, b, c = coeffs
   x = x_ref[...]
   dtype = x.dtype
   for _ in range(steps):
     gram = _dot(x, x, transpose_rhs=True).astype(dtype)
-    polynomial = _combine(_dot(gram, gram, transpose_rhs=False), gram, b, c).astype(dtype)
-    x = _combine(_dot(polynomial, x, transpose_rhs=False), x, a, 1.0).astype(dtype)
+    polynomial = _epilogue(_dot(gram, gram, transpose_rhs=False), gram, product_scale=c, residual_scale=b,
+                           identity_scale=a).astype(dtype)
+    x = _dot(polynomial, x, transpose_rhs=False).astype(dtype)
   out_ref[...] = x
 
 
-def fused_steps(x, *, steps, coeffs, backend, block_sizes, interpret):
+def fused_steps(x, *, steps, coeffs, block_sizes, interpret):
   """All steps in one pallas_call, one program per matrix. x: [batch, n, m] -> [batch, n, m]."""
+  del block_sizes
   batch, n, m = x.shape
-  if backend == MOSAIC:
-    compiler_params = pltpu.CompilerParams(dimension_semantics=('parallel',))
-  else:
-    compiler_params = pltriton.CompilerParams(num_warps=4, num_stages=1)
   matrix_spec = pl.BlockSpec((None, n, m), lambda i: (i, 0, 0))
   return pl.pallas_call(
       functools.partial(_fused_steps_kernel, steps=steps, coeffs=coeffs),
@@ -122,36 +111,22 @@ def fused_steps(x, *, steps, coeffs, backend, block_sizes, interpret):
       grid=(batch,),
       in_specs=[matrix_spec],
       out_specs=matrix_spec,
-      compiler_params=compiler_params,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel',)),
       interpret=interpret,
       name='newton_schulz_fused',
   )(x)
 
 
-# Tiled products: out = product_scale * (lhs @ rhs) + residual_scale * residual, tile by tile.
+# Tiled products: out = product_scale * (lhs @ rhs) + residual_scale * residual + identity_scale * I, tile by tile.
 # lhs [batch, rows, K]; rhs [batch, K, cols], or [batch, cols, K] with transpose_rhs; residual [batch, rows, cols].
 
 
-def _triton_product_kernel(lhs_ref, rhs_ref, *refs, transpose_rhs, residual_scale, product_scale, block_contract):
-  """One output tile; loops over the contraction. lhs_ref: [rows_tile, K]; rhs_ref: [K, cols_tile] or transposed."""
-  *residual_ref, out_ref = refs
-  contract_size = lhs_ref.shape[-1]
-
-  def accumulate(index, accumulator):
-    window = pl.ds(index * block_contract, block_contract)
-    rhs = rhs_ref[:, window] if transpose_rhs else rhs_ref[window, :]
-    return accumulator + _dot(lhs_ref[:, window], rhs, transpose_rhs=transpose_rhs)
-
-  accumulator = lax.fori_loop(0, contract_size // block_contract, accumulate,
-                              jnp.zeros(out_ref.shape, jnp.float32))
-  residual = residual_ref[0][...] if residual_ref else None
-  out_ref[...] = _combine(accumulator, residual, residual_scale, product_scale).astype(out_ref.dtype)
-
-
-def _mosaic_product_kernel(lhs_ref, rhs_ref, *refs, transpose_rhs, residual_scale, product_scale):
+def _product_kernel(lhs_ref, rhs_ref, *refs, transpose_rhs, product_scale, residual_scale, identity_scale):
   """One (output tile, contraction slice) grid point; the contraction is grid axis 3, run in order."""
   *residual_ref, out_ref, accumulator_ref = refs
   contract_index = pl.program_id(3)
+  row_offset = pl.program_id(1) * out_ref.shape[0]
+  col_offset = pl.program_id(2) * out_ref.shape[1]
 
   @pl.when(contract_index == 0)
   def _():
@@ -162,43 +137,21 @@ def _mosaic_product_kernel(lhs_ref, rhs_ref, *refs, transpose_rhs, residual_scal
   @pl.when(contract_index == pl.num_programs(3) - 1)
   def _():
     residual = residual_ref[0][...] if residual_ref else None
-    out_ref[...] = _combine(accumulator_ref[...], residual, residual_scale, product_scale).astype(out_ref.dtype)
+    out_ref[...] = _epilogue(accumulator_ref[...], residual, product_scale=product_scale,
+                             residual_scale=residual_scale, identity_scale=identity_scale,
+                             row_offset=row_offset, col_offset=col_offset).astype(out_ref.dtype)
 
 
-def tiled_product(lhs, rhs, residual=None, *, transpose_rhs=False, residual_scale=0.0, product_scale=1.0,
-                  backend, block_sizes, interpret):
-  """product_scale * (lhs @ rhs) + residual_scale * residual, batched; shapes as in the comment above."""
+def tiled_product(lhs, rhs, residual=None, *, transpose_rhs=False, product_scale=1.0, residual_scale=0.0,
+                  identity_scale=0.0, block_sizes, interpret):
+  """product_scale * (lhs @ rhs) + residual_scale * residual + identity_scale * I, batched; shapes as above."""
   batch, rows, contract_size = lhs.shape
   cols = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   rows_tile = min(block_sizes.block_rows, rows)
   cols_tile = min(block_sizes.block_cols, cols)
   contract_tile = min(block_sizes.block_contract, contract_size)
-  out_shape = jax.ShapeDtypeStruct((batch, rows, cols), lhs.dtype)
   operands = (lhs, rhs) if residual is None else (lhs, rhs, residual)
-  scales = dict(transpose_rhs=transpose_rhs, residual_scale=residual_scale, product_scale=product_scale)
-
-  if backend == TRITON:
-    # Grid (batch, row tile, col tile); each program reads full-K row/column slabs slice by slice.
-    rhs_block = (None, cols_tile, contract_size) if transpose_rhs else (None, contract_size, cols_tile)
-    rhs_index = (lambda b, i, j: (b, j, 0)) if transpose_rhs else (lambda b, i, j: (b, 0, j))
-    tile_spec = pl.BlockSpec((None, rows_tile, cols_tile), lambda b, i, j: (b, i, j))
-    in_specs = [pl.BlockSpec((None, rows_tile, contract_size), lambda b, i, j: (b, i, 0)),
-                pl.BlockSpec(rhs_block, rhs_index)]
-    if residual is not None:
-      in_specs.append(tile_spec)
-    return pl.pallas_call(
-        functools.partial(_triton_product_kernel, block_contract=contract_tile, **scales),
-        out_shape=out_shape,
-        grid=(batch, rows // rows_tile, cols // cols_tile),
-        in_specs=in_specs,
-        out_specs=tile_spec,
-        compiler_params=pltriton.CompilerParams(num_warps=block_sizes.num_warps,
-                                                num_stages=block_sizes.num_stages),
-        interpret=interpret,
-        name='newton_schulz_product',
-    )(*operands)
-
-  # Mosaic: grid (batch, row tile, col tile, contraction slice); the last axis accumulates into VMEM.
+  # Grid (batch, row tile, col tile, contraction slice); the last axis accumulates into VMEM.
   rhs_block = (None, cols_tile, contract_tile) if transpose_rhs else (None, contract_tile, cols_tile)
   rhs_index = (lambda b, i, j, k: (b, j, k)) if transpose_rhs else (lambda b, i, j, k: (b, k, j))
   tile_spec = pl.BlockSpec((None, rows_tile, cols_tile), lambda b, i, j, k: (b, i, j))
@@ -207,8 +160,9 @@ def tiled_product(lhs, rhs, residual=None, *, transpose_rhs=False, residual_scal
   if residual is not None:
     in_specs.append(tile_spec)
   return pl.pallas_call(
-      functools.partial(_mosaic_product_kernel, **scales),
-      out_shape=out_shape,
+      functools.partial(_product_kernel, transpose_rhs=transpose_rhs, product_scale=product_scale,
+                        residual_scale=residual_scale, identity_scale=identity_scale),
+      out_shape=jax.ShapeDtypeStruct((batch, rows, cols), lhs.dtype),
       grid=(batch, rows // rows_tile, cols // cols_tile, contract_size // contract_tile),
       in_specs=in_specs,
       out_specs=tile_spec,
@@ -219,15 +173,15 @@ def tiled_product(lhs, rhs, residual=None, *, transpose_rhs=False, residual_scal
   )(*operands)
 
 
-def tiled_steps(x, *, steps, coeffs, backend, block_sizes, interpret):
+def tiled_steps(x, *, steps, coeffs, block_sizes, interpret):
   """The steps as three tiled products each. x: [batch, n, m] -> [batch, n, m]."""
   a, b, c = coeffs
-  product = functools.partial(tiled_product, backend=backend, block_sizes=block_sizes, interpret=interpret)
+  product = functools.partial(tiled_product, block_sizes=block_sizes, interpret=interpret)
 
   def step(_, x):
     gram = product(x, x, transpose_rhs=True)  # A = X X^T
-    polynomial = product(gram, gram, gram, residual_scale=b, product_scale=c)  # B = b A + c A A
-    return product(polynomial, x, x, residual_scale=a)  # X' = a X + B X
+    polynomial = product(gram, gram, gram, product_scale=c, residual_scale=b, identity_scale=a)  # P
+    return product(polynomial, x)  # X' = P X
 
   # A loop, not unrolled: each step is three kernel launches anyway, and one traced step compiles 5x faster.
   return lax.fori_loop(0, steps, step, x)
