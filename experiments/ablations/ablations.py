@@ -64,11 +64,10 @@ class Settings:
 def parsed(gin_files: list[str]):
   """The gin files parsed as the launcher parses them, for the duration of the block (gin-configured calls such
   as `recipe.schedule` and `recipe.optimizer` see the run's bindings); the config is cleared afterwards."""
+  from k2 import gin_setup
   from k2.train import pretrain  # noqa: F401  (registers the pretraining stage's configurables)
-  gin.clear_config()
-  gin.add_config_file_search_path(ROOT)
   try:
-    gin.parse_config_files_and_bindings([os.path.join(ROOT, f) for f in gin_files], [])
+    gin_setup.parse([os.path.join(ROOT, f) for f in gin_files], [])
     yield
   finally:
     gin.clear_config()
