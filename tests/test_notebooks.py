@@ -59,14 +59,24 @@ def test_tokens_to_reach():
 def test_collect_reads_metrics_jsonl(tmp_path):
   settings = ablations.Settings(num_steps=3, batch_size=2, seq_len=4, tau=5.0, qk_clip_lr=1e-2, muon_lrs=(),
                                 adamw_lrs=(), adamw_budgets=(), model_name='k2_tiny', model_config=None)
-  records = [{'step': s, 'loss': 4.0 - s, 'max_logit': 4.0 + s, 'max_logit_after_clip': min(5.0, 4.0 + s),
+  after_step = [5.0, 5.5, 4.0]
+  records = [{'step': s, 'loss': 4.0 - s, 'max_logit': 4.0 + s, 'max_logit_after_step': after_step[s - 1],
               'clipped_heads': float(s > 1), 'max_logit_layer0': 4.0 + s, 'max_logit_layer1': 3.0} for s in (1, 2, 3)]
   records[1]['eval_loss'], records[2]['eval_loss'] = 3.5, 3.25
   (tmp_path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
-  (tmp_path / 'done.json').write_text(json.dumps({'wall_seconds': 1.0}))
+  (tmp_path / 'done.json').write_text(json.dumps({'wall_seconds': 1.0, 'commit': 'abc1234'}))
   arm = ablations.collect(str(tmp_path), ablations.Run('muonclip', 1e-2), settings)
   assert arm['step'] == [1, 2, 3] and arm['max_logit_per_layer'] == [[5.0, 6.0, 7.0], [3.0, 3.0, 3.0]]
   assert arm['val_step'] == [2, 3] and arm['val_tokens'] == [16, 24] and arm['final_val_loss'] == 3.25
+  assert arm['max_logit_after_step'] == after_step and arm['commit'] == 'abc1234'
   summary = ablations.qk_clip_summary(arm, 5.0)
-  assert summary['steps_over_tau_pre_clip'] == 2 and summary['first_step_over_tau'] == 2
-  assert summary['steps_ending_over_tau'] == 0 and summary['max_overshoot_pre_clip'] == pytest.approx(2.0)
+  assert summary['steps_over_tau'] == 2 and summary['first_step_over_tau'] == 2  # 5.0 is not over tau
+  assert summary['peak_max_logit'] == 7.0 and summary['peak_step'] == 3
+  assert summary['peak_over_tau_percent'] == pytest.approx(40.0)
+  assert summary['clipped_head_steps'] == 2 and summary['last_step_with_clipping'] == 3
+  assert summary['mean_max_logit_of_clipping_steps'] == pytest.approx(6.5)
+  assert summary['peak_max_logit_after_step'] == 5.5 and summary['steps_over_tau_after_step'] == 1
+  # Steps 2 and 3 clipped: step 2's final weights gave 5.5 > tau and step 3's forward 7.0; step 3 is the last.
+  assert summary['clipping_steps_over_tau_after_step'] == 1 and summary['clipping_steps_next_forward_over_tau'] == 1
+  del arm['max_logit_after_step']  # an arm that does not measure it has no after-step numbers
+  assert 'peak_max_logit_after_step' not in ablations.qk_clip_summary(arm, 5.0)

@@ -4,8 +4,10 @@ Two studies (K2 report section 2.1; Moonlight, arXiv 2502.16982), each a set of 
 pretraining launcher (`python -m experiments.pretrain`) on one size file (configs/tiny.gin, configs/small_gpu.gin)
 plus one arm file (configs/arms/{muon,muonclip,adamw}.gin):
 
-  qk_clip            vanilla Muon, MuonClip(TAU) and AdamW at one aggressive peak lr (QK_CLIP_LR): max logit per
-                     step (largest head, and per layer), clipped heads, loss, validation loss.
+  qk_clip            vanilla Muon, MuonClip(TAU) and AdamW at one aggressive peak lr (QK_CLIP_LR): every step's
+                     pre-clip max logit (largest head, and per layer), clipped heads, loss, validation loss; for
+                     MuonClip also `max_logit_after_step`, the max logit of a forward with the weights the step
+                     ended with (updated, then clipped) on the step's own batch (configs/arms/muonclip.gin).
   token_efficiency   MuonClip and AdamW each swept over peak lrs (MUON_LRS, ADAMW_LRS) at the 1x budget
                      (NUM_STEPS), then AdamW at its best lr for ADAMW_BUDGETS x NUM_STEPS, each a complete
                      warm-up/stable/decay run; the ratio is the tokens AdamW needs to reach MuonClip's best final
@@ -61,12 +63,11 @@ class Settings:
 @contextlib.contextmanager
 def parsed(gin_files: list[str]):
   """The gin files parsed as the launcher parses them, for the duration of the block (gin-configured calls such
-  as `trainer.schedule` and `trainer.optimizer` see the run's bindings); the config is cleared afterwards."""
-  from k2.train import trainer  # noqa: F401  (registers the trainer's configurables)
-  gin.clear_config()
-  gin.add_config_file_search_path(ROOT)
+  as `recipe.schedule` and `recipe.optimizer` see the run's bindings); the config is cleared afterwards."""
+  from k2 import gin_setup
+  from k2.train import pretrain  # noqa: F401  (registers the pretraining stage's configurables)
   try:
-    gin.parse_config_files_and_bindings([os.path.join(ROOT, f) for f in gin_files], [])
+    gin_setup.parse([os.path.join(ROOT, f) for f in gin_files], [])
     yield
   finally:
     gin.clear_config()
@@ -162,6 +163,18 @@ def _env() -> dict[str, str]:
   return env
 
 
+def code_version() -> str | None:
+  """The repo's commit, marked when the code or configs differ from it (None outside a git checkout)."""
+  try:
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    changed = subprocess.run(['git', 'status', '--porcelain', '--', 'k2', 'experiments', 'configs'], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return commit + (' with uncommitted changes' if changed else '')
+
+
 def run_all(runs: list[Run], gin_files: list[str], settings: Settings, root: str = DEFAULT_ROOT,
             parallel: int = 1, echo=print) -> dict[str, str]:
   """Runs (at most `parallel` at a time) every run whose workdir is not finished; returns {run name: workdir}.
@@ -170,6 +183,7 @@ def run_all(runs: list[Run], gin_files: list[str], settings: Settings, root: str
   workdirs = {run.name: workdir(run, gin_files, settings, root) for run in runs}
   pending = [run for run in dict.fromkeys(runs) if not os.path.exists(os.path.join(workdirs[run.name], 'done.json'))]
   active: list[tuple[Run, subprocess.Popen, float]] = []
+  commit = code_version() if pending else None
   while pending or active:
     while pending and len(active) < parallel:
       run = pending.pop(0)
@@ -196,7 +210,7 @@ def run_all(runs: list[Run], gin_files: list[str], settings: Settings, root: str
         raise RuntimeError(f'{run.name} failed (exit {exit_code}); end of {path}/train.log:\n{tail}')
       wall, cpu = time.time() - start, usage.ru_utime + usage.ru_stime
       with open(os.path.join(path, 'done.json'), 'w') as f:
-        json.dump({'run': dataclasses.asdict(run), 'wall_seconds': wall, 'cpu_seconds': cpu,
+        json.dump({'run': dataclasses.asdict(run), 'wall_seconds': wall, 'cpu_seconds': cpu, 'commit': commit,
                    'command': command(run, gin_files, settings, root)}, f, indent=1)
       echo(f'finished {run.name} in {wall:.0f}s ({cpu:.0f} CPU-s)')
   return workdirs
@@ -211,7 +225,11 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def collect(path: str, run: Run, settings: Settings) -> dict:
-  """One run's metrics.jsonl as lists (every logged step; validation at EVAL_EVERY steps and the last step)."""
+  """One run's metrics.jsonl as lists (every logged step; validation at EVAL_EVERY steps and the last step).
+
+  `max_logit` at step s is measured by step s's own forward, before that step's update and clip: the weights step
+  s - 1 ended with, on a new batch. `max_logit_after_step` (runs that measure it) is a forward with the weights step
+  s ended with, on step s's batch."""
   records = read_metrics(path)
   steps = [r for r in records if 'loss' in r]
   evals = [r for r in records if 'eval_loss' in r]
@@ -221,6 +239,7 @@ def collect(path: str, run: Run, settings: Settings) -> dict:
   result = {
       'optimizer': run.arm, 'learning_rate': run.learning_rate, 'budget': run.budget,
       'num_steps': run.num_steps(settings), 'tokens': run.num_steps(settings) * settings.tokens_per_step,
+      'commit': done.get('commit'),
       'wall_seconds': round(done['wall_seconds'], 1),
       'cpu_seconds': round(done['cpu_seconds'], 1) if 'cpu_seconds' in done else None,
       'step': [r['step'] for r in steps],
@@ -234,8 +253,8 @@ def collect(path: str, run: Run, settings: Settings) -> dict:
       'val_loss': [r['eval_loss'] for r in evals],
       'final_val_loss': evals[-1]['eval_loss'],
   }
-  if run.arm == 'muonclip':  # the step's largest logit after its own rescale (= max_logit without clipping)
-    result['max_logit_after_clip'] = [r['max_logit_after_clip'] for r in steps]
+  if 'max_logit_after_step' in steps[0]:
+    result['max_logit_after_step'] = [r['max_logit_after_step'] for r in steps]
   return result
 
 
@@ -255,20 +274,34 @@ def run_config(gin_files: list[str], settings: Settings) -> dict:
 
 
 def qk_clip_summary(arm: dict, tau: float) -> dict:
-  """Peaks and threshold crossings of one arm's max logits."""
-  over = [s for s, m in zip(arm['step'], arm['max_logit']) if m > tau]
-  peak = max(range(len(arm['step'])), key=lambda i: arm['max_logit'][i])
-  summary = {'peak_max_logit': arm['max_logit'][peak], 'peak_step': arm['step'][peak],
-             'steps_over_tau_pre_clip': len(over),
-             'first_step_over_tau': over[0] if over else None,
-             'final_max_logit': arm['max_logit'][-1], 'clipped_head_steps': sum(arm['clipped_heads']),
-             'steps_with_clipping': sum(1 for c in arm['clipped_heads'] if c)}
-  if 'max_logit_after_clip' in arm:
-    summary['peak_max_logit_after_clip'] = max(arm['max_logit_after_clip'])
-    # gamma * S_max is tau up to float32 rounding (30.000002 for tau 30): count only real excess.
-    summary['steps_ending_over_tau'] = sum(1 for m in arm['max_logit_after_clip'] if m > tau * (1 + 1e-5))
-    summary['max_overshoot_pre_clip'] = max(arm['max_logit']) - tau
-    summary['max_overshoot_pre_clip_percent'] = 100 * (max(arm['max_logit']) / tau - 1)
+  """Peaks and threshold crossings of one arm's measured max logits.
+
+  Every number is of measured forwards. `steps_over_tau` counts the steps whose own forward (before their update
+  and clip) passed tau: from step 2 on, the weights the previous step ended with, on a new batch.
+  `steps_over_tau_after_step` counts the steps whose final weights passed tau on their own batch; the
+  `clipping_steps_*` counts are of the steps that clipped: their final weights over tau on their own batch, and
+  the next step's forward (a new batch) over tau."""
+  logits = arm['max_logit']
+  over = [s for s, m in zip(arm['step'], logits) if m > tau]
+  peak = max(range(len(logits)), key=lambda i: logits[i])
+  clipped = [m for m, c in zip(logits, arm['clipped_heads']) if c]
+  summary = {'peak_max_logit': logits[peak], 'peak_step': arm['step'][peak],
+             'peak_over_tau_percent': 100 * (logits[peak] / tau - 1),
+             'steps_over_tau': len(over), 'first_step_over_tau': over[0] if over else None,
+             'mean_max_logit_last_10_steps': sum(logits[-10:]) / len(logits[-10:]),
+             'clipped_head_steps': sum(arm['clipped_heads']),
+             'steps_with_clipping': len(clipped),
+             'mean_max_logit_of_clipping_steps': sum(clipped) / len(clipped) if clipped else None,
+             'last_step_with_clipping': max((s for s, c in zip(arm['step'], arm['clipped_heads']) if c),
+                                            default=None),
+             'clipping_steps_next_forward_over_tau': sum(1 for c, m in zip(arm['clipped_heads'], logits[1:])
+                                                         if c and m > tau)}
+  if 'max_logit_after_step' in arm:
+    after = arm['max_logit_after_step']
+    summary['peak_max_logit_after_step'] = max(after)
+    summary['steps_over_tau_after_step'] = sum(1 for m in after if m > tau)
+    summary['clipping_steps_over_tau_after_step'] = sum(1 for c, m in zip(arm['clipped_heads'], after)
+                                                        if c and m > tau)
   return summary
 
 
@@ -317,8 +350,8 @@ def token_efficiency_study(gin_files: list[str], root: str = DEFAULT_ROOT, paral
                   if r['optimizer'] == 'adamw' and r['learning_rate'] == best['adamw']]
   adamw_tokens, how = tokens_to_reach(adamw_points, muon['final_val_loss'])
   for r in runs.values():  # the curves are what the plots need; per-step logs stay in the workdirs
-    r['peak_max_logit'] = max(r['max_logit'])
-    for key in ('step', 'loss', 'max_logit', 'max_logit_per_layer', 'clipped_heads', 'max_logit_after_clip'):
+    r['peak_max_logit'], r['clipped_head_steps'] = max(r['max_logit']), sum(r['clipped_heads'])
+    for key in ('step', 'loss', 'max_logit', 'max_logit_per_layer', 'clipped_heads', 'max_logit_after_step'):
       r.pop(key, None)
   return {
       'tau': settings.tau, 'config': run_config(gin_files, settings),
@@ -358,26 +391,35 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 
 def plot_qk_clip(results: dict):
-  """Top: max logit of every arm (largest head), clipped heads per step, loss. Bottom: each arm's per-layer max."""
+  """Top: max logit of every arm (largest head); MuonClip's around tau, with the forward of each step's final
+  weights; clipped heads per step; loss. Bottom: each arm's per-layer max."""
   import matplotlib.pyplot as plt
   tau, arms = results['tau'], results['arms']
-  fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), constrained_layout=True)
+  fig, axes = plt.subplots(2, 4, figsize=(20, 8.5), constrained_layout=True)
   ax = axes[0, 0]
   for name, arm in arms.items():
-    ax.plot(arm['step'], arm['max_logit'], color=COLORS[name], label=f'{LABELS[name]} (pre-clip)', lw=1)
-    if 'max_logit_after_clip' in arm:
-      ax.plot(arm['step'], arm['max_logit_after_clip'], color=COLORS[name], ls=':', lw=1.5,
-              label=f'{LABELS[name]} after the step\'s clip')
+    ax.plot(arm['step'], arm['max_logit'], color=COLORS[name], label=LABELS[name], lw=1)
   ax.axhline(tau, color='k', ls='--', lw=1, label=f'tau = {tau:g}')
-  ax.set(title='max attention logit (largest head)', xlabel='step', ylabel='max logit', yscale='log')
+  ax.set(title='max attention logit (largest head), step\'s own forward', xlabel='step', ylabel='max logit',
+         yscale='log')
   ax.legend(fontsize=8)
   ax = axes[0, 1]
+  for name, arm in arms.items():
+    if 'max_logit_after_step' in arm:
+      ax.plot(arm['step'], arm['max_logit'], color=COLORS[name], lw=1,
+              label=f'{LABELS[name]}: step\'s own forward (weights of the step before, new batch)')
+      ax.plot(arm['step'], arm['max_logit_after_step'], color='tab:orange', lw=1, alpha=0.8,
+              label=f'{LABELS[name]}: the step\'s final weights on its own batch')
+  ax.axhline(tau, color='k', ls='--', lw=1, label=f'tau = {tau:g}')
+  ax.set(title='around tau: what the weights a step ended with produce', xlabel='step', ylabel='max logit')
+  ax.legend(fontsize=7, loc='lower right')
+  ax = axes[0, 2]
   for name, arm in arms.items():
     ax.plot(arm['step'], arm['clipped_heads'], color=COLORS[name], label=LABELS[name], lw=1)
   heads = results['config']['num_layers'] * results['config']['num_heads']
   ax.set(title=f'heads clipped per step (of {heads})', xlabel='step', ylabel='clipped heads')
   ax.legend(fontsize=8)
-  ax = axes[0, 2]
+  ax = axes[0, 3]
   window = max(1, len(next(iter(arms.values()))['step']) // 20)
   for name, arm in arms.items():
     ax.plot(arm['step'], smooth(arm['loss'], window), color=COLORS[name], lw=1,
@@ -391,9 +433,10 @@ def plot_qk_clip(results: dict):
     for i, layer in enumerate(arm['max_logit_per_layer']):
       ax.plot(arm['step'], layer, lw=1, label=f'layer {i}' + (' (dense)' if i == 0 else ''))
     ax.axhline(tau, color='k', ls='--', lw=1)
-    ax.set(title=f'{LABELS[name]}: max logit per layer (pre-clip)', xlabel='step', ylabel='max logit',
+    ax.set(title=f'{LABELS[name]}: max logit per layer (step\'s forward)', xlabel='step', ylabel='max logit',
            yscale='log', ylim=(0.9 * min(logits), 1.1 * max(logits)))
     ax.legend(fontsize=8)
+  fig.delaxes(axes[1, 3])
   fig.suptitle(f'QK-Clip ablation: {results["config"]["model"]}, peak lr {results["learning_rate"]:g}, '
                f'{results["config"]["num_steps"]} steps x {results["config"]["tokens_per_step"]} tokens')
   return fig

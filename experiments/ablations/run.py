@@ -1,6 +1,7 @@
 """Runs the MuonClip ablations and writes results/{qk_clip,token_efficiency}.{json,png}.
 
     python -m experiments.ablations.run                                   # k2_tiny on a CPU (RESULTS.md)
+    python -m experiments.ablations.run --study=qk_clip                   # only the QK-Clip study
     python -m experiments.ablations.run --gin_file=experiments/ablations/configs/small_gpu.gin \
         --results_dir=/tmp/k2_small_ablations --parallel=1               # k2_small on one H200
 
@@ -19,7 +20,7 @@ _GIN_FILE = flags.DEFINE_multi_string('gin_file', [ablations.TINY_GIN], 'The siz
 _STUDY = flags.DEFINE_multi_enum('study', ['qk_clip', 'token_efficiency'], ['qk_clip', 'token_efficiency'],
                                  'Which studies to run.')
 _ROOT = flags.DEFINE_string('root', ablations.DEFAULT_ROOT, 'Run workdirs go here (finished ones are reused).')
-_PARALLEL = flags.DEFINE_integer('parallel', 2, 'Training processes at once.')
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'Training processes at once (each one uses every core it gets).')
 _RESULTS_DIR = flags.DEFINE_string('results_dir', os.path.join('experiments', 'ablations', 'results'),
                                    'Where the JSON results and PNG plots go.')
 

@@ -50,7 +50,7 @@ from flax import nnx  # noqa: E402
 from experiments.ablations import ablations  # noqa: E402
 from k2 import model as model_lib  # noqa: E402
 from k2.optim import param_labels  # noqa: E402
-from k2.train import trainer  # noqa: E402
+from k2.train import recipe  # noqa: E402
 
 # %% tags=["parameters"]
 SIZE = ablations.TINY_GIN  # the one file to change, e.g. 'experiments/ablations/configs/small_gpu.gin'
@@ -62,19 +62,26 @@ PARALLEL = int(os.environ.get('K2_ABLATION_PARALLEL', '1'))  # training processe
 # %% [markdown]
 # ## The model, the optimizer and one arm, in a few lines
 # The size file gives the model config; `param_labels` splits the parameters between Muon (hidden matrices) and
-# AdamW (embeddings, head, norms); `trainer.optimizer` builds MuonClip's optax transform. Each arm is one
+# AdamW (embeddings, head, norms); `recipe.optimizer` builds MuonClip's optax transform. Each arm is one
 # ordinary launcher command: the size file, an arm file (`configs/arms/*.gin`), the learning rate.
+#
+# Two choices the K2 report does not state, made by this code: Muon's momentum is Nesterov's (`k2/optim/muon.py`,
+# `nesterov=True`: it orthogonalizes `mu * M_t + G_t`), and each MoE layer's router weight is a hidden matrix
+# trained by Muon (`k2/optim/muonclip.py` `LABEL_RULES`; the router bias is set by the balancing rule only).
 
 # %%
 settings = ablations.read_settings(GIN_FILES)
 params = nnx.state(model_lib.abstract(settings.model_config), nnx.Param)  # shapes only, nothing allocated
-sizes = collections.Counter()
-for label, leaf in zip(jax.tree.leaves(param_labels(params)), jax.tree.leaves(params)):
+sizes, router_labels = collections.Counter(), set()
+for (path, label), leaf in zip(jax.tree_util.tree_leaves_with_path(param_labels(params)), jax.tree.leaves(params)):
   sizes[label] += leaf.size
+  if jax.tree_util.keystr(path).endswith("['router'].value"):
+    router_labels.add(label)
 with ablations.parsed(GIN_FILES):  # the runs' bindings: warm-up, decay, weight decay, momentum
-  optimizer = trainer.optimizer(trainer.schedule(settings.qk_clip_lr, settings.num_steps), name='muonclip')
+  optimizer = recipe.optimizer(recipe.schedule(settings.qk_clip_lr, settings.num_steps), name='muonclip')
 print(f'{settings.model_name}: {settings.model_config.num_layers} layers x {settings.model_config.attention.num_heads} '
       f'heads; parameters trained by Muon {sizes["muon"]:,}, by AdamW {sizes["adamw"]:,}')
+print(f'router weights trained by: {sorted(router_labels)}')
 print(f'{settings.num_steps} steps x {settings.tokens_per_step} tokens, peak lr {settings.qk_clip_lr:g}, '
       f'tau {settings.tau:g}')
 runs = ablations.qk_clip_runs(settings)
@@ -88,8 +95,11 @@ results = ablations.qk_clip_study(GIN_FILES, ROOT, PARALLEL)
 
 # %% [markdown]
 # ## Max logits, clipped heads, loss
-# Top left: the largest pre-clip logit of each step (over all layers and heads) and, dotted, MuonClip's largest
-# logit after that step's rescale. Bottom: each layer's largest logit, per arm.
+# Everything plotted is measured by a forward pass. First panel: each step's largest logit (over all layers and
+# heads) in the step's own forward, before its update and clip; from step 2 on that is the weights the previous step
+# ended with, on a new batch. Second panel (MuonClip): the same series around tau, and a forward with the weights
+# the step ended with (updated, then clipped) on the step's own batch (`train.measure_max_logit_after_step`).
+# Bottom: each layer's largest logit in the step's own forward, per arm.
 
 # %%
 figure = ablations.plot_qk_clip(results)
@@ -99,19 +109,21 @@ figure = ablations.plot_qk_clip(results)
 
 # %%
 tau = results['tau']
-print(f'tau = {tau:g}')
-print(f'{"arm":10s} {"peak max logit":>15s} {"steps > tau":>12s} {"first":>6s} {"peak after clip":>16s} '
-      f'{"clipped head-steps":>19s} {"final val loss":>15s}')
+print(f'tau = {tau:g}; "> tau": steps whose own forward (the previous step\'s final weights, a new batch) passed it')
+print(f'{"arm":10s} {"peak max logit":>15s} {"steps > tau":>12s} {"first":>6s} {"peak after step":>16s} '
+      f'{"after step > tau":>17s} {"clipped head-steps":>19s} {"final val loss":>15s}')
 for name, arm in results['arms'].items():
   s = arm['summary']
-  after = s.get('peak_max_logit_after_clip')
-  print(f'{name:10s} {s["peak_max_logit"]:15.2f} {s["steps_over_tau_pre_clip"]:12d} '
-        f'{str(s["first_step_over_tau"]):>6s} {"-" if after is None else f"{after:.2f}":>16s} '
+  after = s.get('peak_max_logit_after_step')
+  print(f'{name:10s} {s["peak_max_logit"]:15.2f} {s["steps_over_tau"]:12d} {str(s["first_step_over_tau"]):>6s} '
+        f'{"-" if after is None else f"{after:.2f}":>16s} {str(s.get("steps_over_tau_after_step", "-")):>17s} '
         f'{s["clipped_head_steps"]:19d} {arm["final_val_loss"]:15.4f}')
-clip = results['arms']['muonclip']
-muon = results['arms']['muon']
-print(f'MuonClip: largest pre-clip overshoot {clip["summary"]["max_overshoot_pre_clip"]:+.2f} '
-      f'({clip["summary"]["max_overshoot_pre_clip_percent"]:+.1f}% of tau) within a step; '
-      f'steps ending above tau: {clip["summary"]["steps_ending_over_tau"]}')
+clip, muon = results['arms']['muonclip']['summary'], results['arms']['muon']['summary']
+print(f'peak max logit: MuonClip {clip["peak_max_logit"]:.2f} ({clip["peak_over_tau_percent"]:+.1f}% over tau), '
+      f'vanilla Muon {muon["peak_max_logit"]:.2f} ({muon["peak_over_tau_percent"]:+.1f}%)')
+print(f'MuonClip: of the {clip["steps_with_clipping"]} steps that clipped, '
+      f'{clip["clipping_steps_over_tau_after_step"]} ended with weights over tau on their own batch and '
+      f'{clip["clipping_steps_next_forward_over_tau"]} were followed by a forward over tau')
+clip, muon = results['arms']['muonclip'], results['arms']['muon']
 print(f'MuonClip final val loss vs vanilla Muon: '
       f'{100 * (clip["final_val_loss"] / muon["final_val_loss"] - 1):+.2f}%')

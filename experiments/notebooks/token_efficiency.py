@@ -42,7 +42,7 @@ os.chdir(repo_root(os.getcwd()))
 sys.path.insert(0, os.getcwd())
 
 from experiments.ablations import ablations  # noqa: E402
-from k2.train import trainer  # noqa: E402
+from k2.train import recipe  # noqa: E402
 
 # %% tags=["parameters"]
 SIZE = ablations.TINY_GIN  # the one file to change, e.g. 'experiments/ablations/configs/small_gpu.gin'
@@ -60,8 +60,8 @@ PARALLEL = int(os.environ.get('K2_ABLATION_PARALLEL', '1'))  # training processe
 # %%
 settings = ablations.read_settings(GIN_FILES)
 with ablations.parsed(GIN_FILES):  # the runs' bindings: warm-up, decay, weight decay, betas
-  schedule = trainer.schedule(1.0, settings.num_steps)  # the WSD shape every run shares, times its peak lr
-  optimizers = {name: trainer.optimizer(schedule, name=name) for name in ('muonclip', 'adamw')}
+  schedule = recipe.schedule(1.0, settings.num_steps)  # the WSD shape every run shares, times its peak lr
+  optimizers = {name: recipe.optimizer(schedule, name=name) for name in ('muonclip', 'adamw')}
 print(f'schedule at steps 0, 10%, 50%, 90%, 100%: '
       f'{[round(float(schedule(int(f * settings.num_steps))), 3) for f in (0, 0.1, 0.5, 0.9, 1)]}')
 print(f'{settings.model_name}, {settings.num_steps} steps x {settings.tokens_per_step} tokens = '
