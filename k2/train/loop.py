@@ -37,7 +37,7 @@ from k2 import sharding
 from k2.config import ConfigError, ModelConfig
 from k2.train import checkpoint as checkpoint_lib
 from k2.train import metrics as metrics_lib
-from k2.train.step import StepSetup, TrainState, train_step
+from k2.train.step import StepSetup, TrainState, init_state, train_step
 
 BATCH_AXES = ('data', 'fsdp', 'expert')  # the batch is split over every data-like mesh axis
 
@@ -223,3 +223,49 @@ def run(workdir: str, state: TrainState, setup: StepSetup, batches: Iterator[dic
     writer.close()
     checkpointer.close()
   return state, record, preempted
+
+
+def checkpoint_to_resume(workdir: str, config: ModelConfig) -> bool:
+  """Whether `workdir` holds a checkpoint to resume; ConfigError (nothing touched) when it is another model's. An
+  unreadable latest checkpoint counts: `run` names it, sets it aside and resumes from the one before."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return False
+  checkpointer = checkpoint_lib.Checkpointer(directory, every=1, read_only=True)
+  try:
+    if checkpointer.latest_step() is None:
+      return False
+    checkpointer.check_compatible(config)
+  except checkpoint_lib.CorruptCheckpoint:
+    pass
+  finally:
+    checkpointer.close()
+  return True
+
+
+def train_stage(workdir: str, *, model_config: ModelConfig, mesh, optimizer, schedule, batches, config: LoopConfig,
+                seed: int = 0, init_from: str | None = None, data_iterator=None,
+                evaluate: Callable[[TrainState, StepSetup], dict] | None = None, tokens_per_step: int | None = None,
+                operative_config: str | None = None, **step_options) -> tuple[TrainState, StepSetup, dict, bool]:
+  """What every stage does once its inputs are checked: the model (random, `init_from`, or the workdir's own
+  checkpoint, which wins), its sharding, the optimizer state, the StepSetup (`step_options`: its other fields, the
+  stage's loss_fn among them), the operative config file, and the loop. Returns (state, setup, last record,
+  preempted)."""
+  resuming = checkpoint_to_resume(workdir, model_config)
+  lead = jax.process_index() == 0  # one process writes the workdir's text files; all of them write checkpoints
+  model = initial_model(model_config, seed, None if resuming else init_from)
+  with sharding.use_mesh(mesh):
+    sharding.shard_model(model, mesh)
+    graphdef, state = init_state(model, optimizer)
+    del model
+    setup = StepSetup(graphdef=graphdef, model_config=model_config, optimizer=optimizer, schedule=schedule,
+                      **step_options)
+    os.makedirs(workdir, exist_ok=True)
+    if lead and operative_config is not None:
+      with open(os.path.join(workdir, 'operative_config.gin'), 'w') as f:
+        f.write(operative_config)
+    state, record, preempted = run(
+        workdir, state, setup, batches, mesh, config, data_iterator=data_iterator,
+        evaluate=None if evaluate is None else lambda s: evaluate(s, setup), tokens_per_step=tokens_per_step,
+        lead=lead)
+  return state, setup, record, preempted

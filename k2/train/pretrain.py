@@ -23,10 +23,9 @@ from flax import nnx
 from k2 import sharding
 from k2.config import ConfigError, ModelConfig
 from k2.data import pipeline
-from k2.train import checkpoint as checkpoint_lib
 from k2.train import loop
 from k2.train import recipe
-from k2.train.step import StepSetup, TrainState, eval_step, init_state
+from k2.train.step import StepSetup, TrainState, eval_step
 
 
 def evaluate(state: TrainState, batches: list[dict], setup: StepSetup, mesh) -> float:
@@ -86,61 +85,36 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
   tok = pipeline.tokenizer()
   if tok.vocab_size > model_config.vocab_size:
     raise ConfigError(f'tokenizer {tok} has more ids than the model vocab_size={model_config.vocab_size}')
-  checkpoint_dir = os.path.join(workdir, 'checkpoints')
-  resuming = os.path.isdir(checkpoint_dir) and checkpoint_lib.Checkpointer(
-      checkpoint_dir, every=1, read_only=True).latest_step() is not None
-  if resuming:
-    checkpointer = checkpoint_lib.Checkpointer(checkpoint_dir, every=1, read_only=True)
-    try:
-      checkpointer.check_compatible(model_config)
-    except checkpoint_lib.CorruptCheckpoint:
-      pass  # the loop names it, sets it aside and resumes from the one before
-    finally:
-      checkpointer.close()
+  # A fixed, shuffled sample of the validation split (the same every evaluation and every resume).
+  local_rows = batch_size // jax.process_count()
+  shards = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  eval_iter = pipeline.lm_batches(eval_docs, tok, batch_size=local_rows, seq_len=seq_len, seed=seed, **shards)
+  eval_data = [next(eval_iter) for _ in range(eval_batches)]
+  unigram = pipeline.unigram_loss(eval_data, tok.vocab_size)
+  if not np.isfinite(unigram) or unigram <= 0:
+    raise ConfigError(f'the validation split has no predictable tokens (unigram loss {unigram:.4f}): the dataset '
+                      'holds only empty or one-token documents')
 
   # 2. The run.
-  lead = jax.process_index() == 0  # one process writes the workdir's text files; all of them write checkpoints
   lr_schedule = recipe.schedule(learning_rate, num_steps)
-  tx = recipe.optimizer(lr_schedule)
-  local_rows = batch_size // jax.process_count()
-  model = loop.initial_model(model_config, seed, None if resuming else init_from)
+  train_data = pipeline.lm_batches(train_docs, tok, batch_size=local_rows, seq_len=seq_len, seed=seed, **shards)
+  run_start = time.time()
+  state, setup, record, preempted = loop.train_stage(
+      workdir, model_config=model_config, mesh=run_mesh, optimizer=recipe.optimizer(lr_schedule),
+      schedule=lr_schedule, batches=train_data, data_iterator=train_data, seed=seed, init_from=init_from,
+      config=loop.LoopConfig(num_steps=num_steps, log_every=log_every, checkpoint_every=checkpoint_every,
+                             keep_checkpoints=keep_checkpoints, eval_every=eval_every),
+      evaluate=lambda s, setup: {'eval_loss': evaluate(s, eval_data, setup, run_mesh)},
+      tokens_per_step=batch_size * seq_len, operative_config=gin.operative_config_str(),
+      qk_clip_tau=qk_clip_tau, bias_update_rate=bias_update_rate, grad_accum_steps=grad_accum_steps,
+      loss_chunk=loss_chunk, measure_max_logit_after_step=measure_max_logit_after_step)
+  if preempted:
+    return record
   with sharding.use_mesh(run_mesh):
-    sharding.shard_model(model, run_mesh)
-    graphdef, state = init_state(model, tx)
-    del model
-    setup = StepSetup(graphdef=graphdef, model_config=model_config, optimizer=tx, schedule=lr_schedule,
-                      qk_clip_tau=qk_clip_tau, bias_update_rate=bias_update_rate,
-                      grad_accum_steps=grad_accum_steps, loss_chunk=loss_chunk,
-                      measure_max_logit_after_step=measure_max_logit_after_step)
-    train_data = pipeline.lm_batches(train_docs, tok, batch_size=local_rows, seq_len=seq_len, seed=seed,
-                                     process_index=jax.process_index(), process_count=jax.process_count())
-    # A fixed, shuffled sample of the validation split (the same every evaluation and every resume).
-    eval_iter = pipeline.lm_batches(eval_docs, tok, batch_size=local_rows, seq_len=seq_len, seed=seed,
-                                    process_index=jax.process_index(), process_count=jax.process_count())
-    eval_data = [next(eval_iter) for _ in range(eval_batches)]
-    unigram = pipeline.unigram_loss(eval_data, tok.vocab_size)
-    if not np.isfinite(unigram) or unigram <= 0:
-      raise ConfigError(f'the validation split has no predictable tokens (unigram loss {unigram:.4f}): the dataset '
-                        'holds only empty or one-token documents')
-
-    os.makedirs(workdir, exist_ok=True)
-    if lead:
-      with open(os.path.join(workdir, 'operative_config.gin'), 'w') as f:
-        f.write(gin.operative_config_str())
-    run_start = time.time()
-    state, record, preempted = loop.run(
-        workdir, state, setup, train_data, run_mesh,
-        loop.LoopConfig(num_steps=num_steps, log_every=log_every, checkpoint_every=checkpoint_every,
-                        keep_checkpoints=keep_checkpoints, eval_every=eval_every),
-        data_iterator=train_data, evaluate=lambda s: {'eval_loss': evaluate(s, eval_data, setup, run_mesh)},
-        tokens_per_step=batch_size * seq_len, lead=lead)
-    if preempted:
-      return record
-
     final = dict(record)
     final['eval_loss'] = record.get('eval_loss') or evaluate(state, eval_data, setup, run_mesh)
     final['unigram_loss'] = unigram
-    if lead:
+    if jax.process_index() == 0:
       print(f'validation loss {final["eval_loss"]:.4f} nats/token after {num_steps} steps '
             f'(unigram model of the same tokens: {final["unigram_loss"]:.4f}; {time.time() - run_start:.0f}s)',
             flush=True)
