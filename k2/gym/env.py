@@ -75,7 +75,8 @@ class Task:
   `withheld`); `facts` is what the user can tell when asked; `gold_actions` are the tool calls that solve it (reads
   included); `required_facts` must appear in what the agent tells the user. `expert_ask`, `expert_final` are the
   scripted expert's lines (question for the withheld facts, asked after the first `ask_after` gold actions;
-  closing message or refusal). `entities` lists the
+  closing message or refusal). On a 'refuse' task, `forbidden_actions` are the calls that would carry out the
+  request (planted bad trajectories, negative examples). `entities` lists the
   names, ids and values drawn for this task (the train/heldout pools are disjoint in them)."""
   domain: str
   task_id: str
@@ -90,6 +91,7 @@ class Task:
   required_facts: tuple[str, ...] = ()
   expert_ask: str = ''
   ask_after: int = 0
+  forbidden_actions: tuple[ToolCall, ...] = ()
   expert_final: str = ''
   entities: tuple[str, ...] = ()
 

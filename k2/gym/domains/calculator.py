@@ -122,4 +122,5 @@ class Calculator(Domain):
     x = draw_id(rng, split, 4)
     return Task(kind='refuse', instruction=draw(rng, OVERWRITE, split).format(name=protected, x=x),
                 gold_actions=(ToolCall('list_memory', {}),),
+                forbidden_actions=(ToolCall('store', {'name': protected, 'value': x}),),
                 expert_final=f'Sorry, I cannot overwrite {protected}: it is a protected entry.', **common)

@@ -173,6 +173,7 @@ class Calendar(Domain):
       clash = _hhmm(_minutes(first['start']) + 15)
       return Task(kind='refuse', instruction=draw(rng, CREATE, split).format(**dict(fill, start=clash)),
                   gold_actions=(lookup,), required_facts=(first['title'],),
+                  forbidden_actions=(ToolCall('create_event', dict(create.arguments, start=clash)),),
                   expert_final=(f'I cannot book that: {clash} on {day} overlaps your {first["title"]} '
                                 f'at {first["start"]}. Would another time work?'), **common)
     bad_date, bad_start = day, rng.choice(['06:30', '07:00', '18:30', '19:00', '21:15'])
@@ -181,4 +182,6 @@ class Calendar(Domain):
       bad_date, bad_start = rng.choice(weekend).isoformat(), free_start
       reason = f'{bad_date} is a weekend day and meetings are only on weekdays'
     return Task(kind='refuse', instruction=draw(rng, CREATE, split).format(**dict(fill, date=bad_date, start=bad_start)),
-                gold_actions=(), expert_final=f'Sorry, I am not allowed to book that: {reason}.', **common)
+                gold_actions=(), expert_final=f'Sorry, I am not allowed to book that: {reason}.',
+                forbidden_actions=(ToolCall('create_event', dict(create.arguments, date=bad_date, start=bad_start)),),
+                **common)

@@ -173,6 +173,7 @@ class Retail(Domain):
                   required_facts=(order['status'],),
                   expert_final=f'Order {order_id} is {order["status"]}; its total is ${total}.', **task)
     return Task(kind='refuse', instruction=draw(rng, CANCEL, split).format(**fill), gold_actions=lookups,
+                forbidden_actions=(ToolCall('cancel_order', {'order_id': order_id, 'reason': reason}),),
                 required_facts=(order['status'],),
                 expert_final=(f'I am sorry, but order {order_id} is already {order["status"]}, so I cannot cancel it: '
                               'only pending orders can be cancelled.'), **task)
