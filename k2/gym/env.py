@@ -313,8 +313,8 @@ class ToolEnv:
         self.info['tool_calls'] += 1
         if error is not None:
           self.info['tool_errors'] += 1
-          if error in ('unknown_tool', 'invalid_arguments'):
-            self.info[error + 's'] += 1
+          if error != 'tool_error':
+            self.info[{'unknown_tool': 'unknown_tools', 'invalid_arguments': 'invalid_arguments'}[error]] += 1
         out.append(Message('tool', result, tool_call_id=call.id))
     elif parse_errors:
       # Nothing to answer with a tool message: say what could not be read, and let the agent try again.
