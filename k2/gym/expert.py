@@ -1,9 +1,9 @@
 """The scripted expert: solves a task by its gold actions, asking first or refusing where the task requires.
 
-Used by data synthesis to produce trajectories (K2 report 3.1.1). Its messages, in order: one assistant message per gold action,
-with the question for what the request left out inserted where the task says ('ask' tasks), then the task's closing line (the
-facts the user asked for, or the refusal). The agent replays that plan by counting its own past messages, so it
-is a pure function of the history.
+Used by data synthesis to produce trajectories (K2 report 3.1.1). Its messages, in order: one assistant message
+per gold action, with the question for what the request left out inserted where the task says ('ask' tasks),
+then the task's closing line (the facts the user asked for, or the refusal). The agent replays that plan by
+counting its own past messages, so it is a pure function of the history.
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ class Calendar(Domain):
     if rng.random() < 0.5:
       bad_date, bad_start = rng.choice(weekend).isoformat(), free_start
       reason = f'{bad_date} is a weekend day and meetings are only on weekdays'
-    return Task(kind='refuse', instruction=draw(rng, CREATE, split).format(**dict(fill, date=bad_date, start=bad_start)),
-                gold_actions=(), expert_final=f'Sorry, I am not allowed to book that: {reason}.',
+    instruction = draw(rng, CREATE, split).format(**dict(fill, date=bad_date, start=bad_start))
+    return Task(kind='refuse', instruction=instruction, gold_actions=(), expert_final=f'Sorry, I am not allowed to book that: {reason}.',
                 forbidden_actions=(ToolCall('create_event', dict(create.arguments, date=bad_date, start=bad_start)),),
                 **common)

@@ -124,8 +124,8 @@ class Retail(Domain):
       first, last = draw(rng, FIRST, split), draw(rng, LAST, split)
       user_id = f'{first.lower()}_{last.lower()}_{draw_id(rng, split, 4)}'
       payment = rng.choice(PAYMENTS).format(n=draw_id(rng, split, 4))
-      users[user_id] = {'name': f'{first} {last}', 'email': f'{first}.{last}{rng.randrange(10, 99)}@example.com'.lower(),
-                        'payment': payment}
+      email = f'{first}.{last}{len(users)}{rng.randrange(10, 99)}@example.com'.lower()  # unique in the database
+      users[user_id] = {'name': f'{first} {last}', 'email': email, 'payment': payment}
       for status in rng.sample(['pending', 'pending', 'processed', 'shipped', 'delivered'], 3):
         items = [{'product': p, 'price': price, 'quantity': rng.randrange(1, 4)}
                  for p, price in rng.sample(split_pool(PRODUCTS, split), rng.randrange(1, 3))]
