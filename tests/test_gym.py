@@ -227,6 +227,12 @@ def test_deterministic_per_seed(name):
   assert len({t.instruction for t in tasks_of(name, n=100)}) > 80  # surface variety
 
 
+@pytest.mark.parametrize('name', DOMAINS)
+def test_tasks_round_trip_through_json(name):
+  for task in tasks_of(name, n=20):
+    assert gym.Task.from_dict(json.loads(json.dumps(task.to_dict()))) == task
+
+
 def test_tasks_do_not_share_state_across_episodes():
   task = next(t for t in tasks_of('files') if changes_state('files', t))
   before = copy.deepcopy(task.initial_db)

@@ -104,6 +104,20 @@ class Task:
     if missing:
       raise ValueError(f'withheld facts {sorted(missing)} are not among the user facts')
 
+  def to_dict(self) -> dict[str, Any]:
+    """A JSON-ready dict (for task files and trajectory shards); `Task.from_dict` reads it back."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> 'Task':
+    fields = dict(data)
+    for name in ('gold_actions', 'forbidden_actions'):
+      fields[name] = tuple(ToolCall(**call) for call in fields.get(name, ()))
+    fields['facts'] = tuple(Fact(**dict(fact, keywords=tuple(fact['keywords']))) for fact in fields.get('facts', ()))
+    for name in ('withheld', 'required_facts', 'entities'):
+      fields[name] = tuple(fields.get(name, ()))
+    return cls(**fields)
+
 
 class Domain:
   """An offline tau-bench-style domain. Subclasses set `name` and `policy` and define `tools(db)` (name -> Tool,
@@ -279,6 +293,11 @@ class ToolEnv:
               and len(self._told()) == len(self.task.required_facts))
     return self.goal_met()
 
+  def abort(self, error: str) -> StepResult:
+    """Ends the episode now (the agent's backend failed: a timeout, a 5xx); it is scored as it stands."""
+    self.info['agent_error'] = error
+    return self._finish([], truncated=True)
+
   def _finish(self, messages: list[Message], truncated: bool = False) -> StepResult:
     self.done = True
     self.info['truncated'] = truncated
@@ -345,14 +364,13 @@ class Episode:
 
 def run_episode(env: ToolEnv, agent: Agent, task: Task, seed: int = 0) -> Episode:
   """Plays `agent` (history -> next assistant message or raw text) against `env` on `task` until it ends. An agent
-  that raises ends the episode with reward 0 and the error in info['agent_error']."""
+  that raises ends the episode (scored as it stands) with the error in info['agent_error']."""
   env.reset(task, seed)
   while True:
     try:
       output = agent(list(env.messages))
     except Exception as e:  # noqa: BLE001 (a failing backend must not stop a synthesis or evaluation run)
-      env.info['agent_error'] = f'{type(e).__name__}: {e}'
-      result = env._finish([], truncated=True)
+      result = env.abort(f'{type(e).__name__}: {e}')
       return Episode(list(env.messages), result.reward, result.info)
     result = env.step(output)
     if result.done:
