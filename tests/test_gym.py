@@ -56,6 +56,7 @@ def test_expert_solves_every_task(name, split):
     assert episode.reward == 1.0, (task.instruction, episode.info)
     info = episode.info
     assert info['tool_errors'] == 0 and info['malformed_outputs'] == 0 and not info['truncated']
+    assert info['gold_calls_matched'] == info['gold_calls'] == len(task.gold_actions)
     assert episode.messages[-1].role == 'user' and gym.STOP in episode.messages[-1].content
     if task.kind == 'ask':  # the user told the missing fact only after being asked
       withheld = [fact.value for fact in task.facts if fact.name in task.withheld]
@@ -114,6 +115,7 @@ def test_planted_bad_trajectories_fail(name):
         episode = play(name, task, scripted(calls([*reads, ToolCall(write.name, arguments)]) + [final]))
         assert episode.reward == 0.0, (task.task_id, key)
         assert not episode.info['state_match']
+        assert episode.info['gold_calls_matched'] == len(task.gold_actions) - 1
         checked['wrong_arguments'] += 1
     if task.required_facts and task.kind != 'refuse':
       episode = play(name, task, scripted(plan[:-1] + [Message('assistant', 'All done, anything else?')]))

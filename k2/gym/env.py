@@ -8,7 +8,8 @@
 An assistant message with tool calls is run against the episode's database (each call answered by a tool
 message); one without calls goes to the simulated user (k2.gym.user), whose reply comes back. Nothing the agent
 writes makes `step` raise: unparsable calls, unknown tools and arguments that fail the tool's JSON schema come back
-as error results and are counted in `info`; the user's turns and the agent's turns are both capped.
+as error results and are counted in `info`; the user's turns and the agent's turns are both capped. At the end
+`info` also holds success, state_match, facts_told and gold_calls_matched (of gold_calls: argument exact match).
 
 Success (tau-bench's rule, checked on state, not on the words): the final database equals the one the task's gold
 actions produce, every required fact was told to the user in an assistant message, on an 'ask' task the user was
@@ -201,6 +202,25 @@ def validate(tool: Tool, arguments: Any) -> str | None:
   return f'{where}: {error.message}' if where else error.message
 
 
+def _arguments(call: ToolCall) -> Any:
+  try:
+    return json.loads(call.arguments) if isinstance(call.arguments, str) else dict(call.arguments)
+  except ValueError:
+    return call.arguments
+
+
+def gold_calls_matched(gold: Sequence[ToolCall], calls: Sequence[ToolCall]) -> int:
+  """How many gold actions the agent made exactly (same tool, equal arguments), each agent call used once."""
+  left = [(call.name, _arguments(call)) for call in calls]
+  matched = 0
+  for call in gold:
+    key = (call.name, _arguments(call))
+    if key in left:
+      left.remove(key)
+      matched += 1
+  return matched
+
+
 def execute(call: ToolCall, tools: Mapping[str, Tool]) -> tuple[str, str | None]:
   """Runs one call; (result text, error kind or None). Never raises: an unknown tool, arguments that are not a JSON
   object or fail the schema, or a function that raises give an 'error: ...' result."""
@@ -273,6 +293,7 @@ class ToolEnv:
     self.info: dict[str, Any] = dict(
         assistant_turns=0, user_turns=0, tool_calls=0, tool_errors=0, unknown_tools=0, invalid_arguments=0,
         malformed_outputs=0, revealed=[], refused=False, truncated=False)
+    self.calls: list[ToolCall] = []  # every call the agent made, for argument exact match
     self.messages = [Message('system', self.domain.system_prompt()), Message('user', self.user.first_message())]
     return list(self.messages)
 
@@ -304,6 +325,8 @@ class ToolEnv:
     self.info['state_match'] = self.db == self.gold_db
     self.info['facts_told'] = self._told()
     self.info['success'] = self.success()
+    self.info['gold_calls'] = len(self.task.gold_actions)
+    self.info['gold_calls_matched'] = gold_calls_matched(self.task.gold_actions, self.calls)
     self.reward = float(self.info['success'])
     return StepResult(messages, self.reward, True, dict(self.info))
 
@@ -328,6 +351,7 @@ class ToolEnv:
     out: list[Message] = []
     if assistant.tool_calls:
       for call in assistant.tool_calls:
+        self.calls.append(call)
         result, error = execute(call, self.tools)
         self.info['tool_calls'] += 1
         if error is not None:
