@@ -132,8 +132,23 @@ def test_planted_bad_trajectories_fail(name):
     if task.kind == 'ask':  # the gold actions straight away, as if the agent had guessed the missing argument
       episode = play(name, task, scripted(calls(task.gold_actions) + [final]))
       assert episode.reward == 0.0 and episode.info['state_match'] and episode.info['revealed'] == []
+      asking_late = calls(task.gold_actions) + [Message('assistant', task.expert_ask), final]
+      episode = play(name, task, scripted(asking_late))
+      assert episode.reward == 0.0 and episode.info['acted_before_asking'] and episode.info['revealed']
       checked['asked_nothing'] += 1
   assert all(checked.values()), checked
+
+
+def test_user_reveals_only_when_asked_and_confirms_when_asked_to():
+  task = next(t for t in tasks_of('calculator') if t.kind == 'ask')
+  user = gym.ScriptedUser(task)
+  assert user.first_message() == task.instruction
+  assert user.respond('Let me look into that.', goal_met=False).revealed == ()
+  turn = user.respond('How many people are sharing the bill?', goal_met=False)
+  assert turn.revealed == ('people',) and not turn.done and task.facts[0].value in turn.content
+  assert 'yes' in user.respond('Shall I save it now?', goal_met=False).content.lower()
+  assert user.respond('I cannot do that, sorry.', goal_met=False).done
+  assert gym.ScriptedUser(task).respond('Done.', goal_met=True).done
 
 
 def test_malformed_outputs_and_tool_errors_never_raise():

@@ -13,7 +13,8 @@ as error results and are counted in `info`; the user's turns and the agent's tur
 
 Success (tau-bench's rule, checked on state, not on the words): the final database equals the one the task's gold
 actions produce, every required fact was told to the user in an assistant message, on an 'ask' task the user was
-asked for (and revealed) the facts the request left out, and on a 'refuse' task the agent said it would not do it.
+asked for (and revealed) the facts the request left out before anything changed the database, and on a 'refuse'
+task the agent said it would not do it.
 The reward is 1.0 on success and 0.0 otherwise, given once, at the end of the episode.
 """
 
@@ -292,7 +293,7 @@ class ToolEnv:
     self.reward = 0.0
     self.info: dict[str, Any] = dict(
         assistant_turns=0, user_turns=0, tool_calls=0, tool_errors=0, unknown_tools=0, invalid_arguments=0,
-        malformed_outputs=0, revealed=[], refused=False, truncated=False)
+        malformed_outputs=0, revealed=[], refused=False, acted_before_asking=False, truncated=False)
     self.calls: list[ToolCall] = []  # every call the agent made, for argument exact match
     self.messages = [Message('system', self.domain.system_prompt()), Message('user', self.user.first_message())]
     return list(self.messages)
@@ -306,7 +307,7 @@ class ToolEnv:
     were told, and what was withheld was asked for. A refusal never meets the goal."""
     task = self.task
     return (task.kind != 'refuse' and self.db == self.gold_db and len(self._told()) == len(task.required_facts)
-            and set(task.withheld) <= set(self.info['revealed']))
+            and set(task.withheld) <= set(self.info['revealed']) and not self.info['acted_before_asking'])
 
   def success(self) -> bool:
     if self.task.kind == 'refuse':
@@ -350,6 +351,9 @@ class ToolEnv:
       self.info['refused'] = True
     out: list[Message] = []
     if assistant.tool_calls:
+      # An agent that changes the database before the user told what was left out has guessed it.
+      guessing = not set(self.task.withheld) <= set(self.info['revealed'])
+      before = copy.deepcopy(self.db) if guessing else None
       for call in assistant.tool_calls:
         self.calls.append(call)
         result, error = execute(call, self.tools)
@@ -359,6 +363,8 @@ class ToolEnv:
           if error != 'tool_error':
             self.info[{'unknown_tool': 'unknown_tools', 'invalid_arguments': 'invalid_arguments'}[error]] += 1
         out.append(Message('tool', result, tool_call_id=call.id))
+      if guessing and self.db != before:
+        self.info['acted_before_asking'] = True
     elif parse_errors:
       # Nothing to answer with a tool message: say what could not be read, and let the agent try again.
       out.append(Message('system', 'error: the tool calls could not be parsed: ' + '; '.join(parse_errors)))

@@ -3,7 +3,8 @@
 A user opens with the task's request, then answers each assistant message that carries no tool calls. The
 scripted user (K2 report 3.1.1: personas, facts revealed only when asked, an end to the conversation) tells a fact
 only when the assistant's message mentions one of that fact's keywords, ends the conversation when the goal is met
-or the assistant clearly refuses, nudges otherwise, and gives up after `max_turns` replies. An LLM-backed user
+or the assistant clearly refuses, says yes when asked to confirm, nudges otherwise, and gives up after `max_turns`
+replies. An LLM-backed user
 implements the same two methods (it may ignore `goal_met` and judge from the text).
 """
 
@@ -18,14 +19,18 @@ from k2.gym.env import Task, is_refusal
 STOP = '###STOP###'  # tau-bench's end-of-conversation marker, kept in the user's last message
 
 PERSONAS = {
-    # persona -> (how it opens a reveal, how it nudges, how it thanks, how it accepts a refusal)
+    # persona -> (how it opens a reveal, how it nudges, how it thanks, how it accepts a refusal, how it confirms)
     'polite': ('Of course.', 'Could you help me with that, please?', 'Thank you so much, that is all I needed.',
-               'I see, thank you for explaining.'),
-    'terse': ('', 'Well?', 'Thanks. Bye.', 'Fine.'),
+               'I see, thank you for explaining.', 'Yes, please go ahead.'),
+    'terse': ('', 'Well?', 'Thanks. Bye.', 'Fine.', 'Yes.'),
     'chatty': ('Oh sure, let me think...', 'Sorry, I am not sure we are there yet. Can you sort it out for me?',
-               'Wonderful, you have been really helpful today, thanks!', 'Oh, that is a shame, but I understand.'),
-    'impatient': ('Quickly then:', 'Can we get on with it?', 'Finally. Thanks.', 'Ugh, okay.'),
+               'Wonderful, you have been really helpful today, thanks!', 'Oh, that is a shame, but I understand.',
+               'Yes, yes, absolutely, please do that!'),
+    'impatient': ('Quickly then:', 'Can we get on with it?', 'Finally. Thanks.', 'Ugh, okay.', 'Yes, just do it.'),
 }
+# An agent asking for the go-ahead (as tau-bench's policies require before writes) gets a yes.
+CONFIRMATION_CUES = ('shall i', 'should i proceed', 'do you want me to', 'would you like me to', 'can you confirm',
+                     'please confirm', 'do you confirm', 'is that correct', 'is that right', 'go ahead?')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +59,7 @@ class ScriptedUser:
     self.max_turns = max_turns
     self.turns = 0
     self.revealed: set[str] = set()
-    self.opener, self.nudge, self.thanks, self.accept = PERSONAS.get(task.persona, PERSONAS['polite'])
+    self.opener, self.nudge, self.thanks, self.accept, self.confirm = PERSONAS.get(task.persona, PERSONAS['polite'])
 
   def first_message(self) -> str:
     return self.task.instruction
@@ -74,4 +79,6 @@ class ScriptedUser:
       self.revealed.update(fact.name for fact in asked)
       reply = ' '.join(fact.reply for fact in asked)
       return UserTurn(f'{self.opener} {reply}'.strip(), revealed=tuple(fact.name for fact in asked))
+    if any(cue in text for cue in CONFIRMATION_CUES):
+      return UserTurn(self.confirm)
     return UserTurn(self.nudge)

@@ -104,7 +104,8 @@ class Calculator(Domain):
               ToolCall('store', {'name': names[2], 'value': share}))
       final = f'Each person pays ${_money(share)}; I saved it as {names[2]}.'
       if kind == 'ask':
-        fact = Fact('people', str(people), ('how many', 'people', 'ways'), f'We are {people} people.')
+        fact = Fact('people', str(people), ('how many', 'people', 'ways', 'persons', 'split it'),
+                    f'We are {people} people.')
         return Task(kind='ask', instruction=draw(rng, SPLIT_ASK, split).format(**fill), facts=(fact,),
                     withheld=('people',), gold_actions=gold, required_facts=(_money(share),),
                     expert_ask=draw(rng, ASK_PEOPLE, split), expert_final=final, **common)

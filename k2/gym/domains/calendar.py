@@ -134,7 +134,7 @@ class Calendar(Domain):
     free_start = _hhmm(rng.choice([12 * 60, 12 * 60 + 15, 16 * 60 + 15, 16 * 60 + 30]))  # after both morning slots
     fill = dict(title=titles[3], date=day, start=free_start, duration=duration, people=' and '.join(people))
     facts = (Fact('start', free_start, ('time', 'when', 'start'), f'Let us say {free_start}.'),
-             Fact('date', day, ('date', 'which day'), f'It is on {day}.'))
+             Fact('date', day, ('date', 'which day', 'what day'), f'It is on {day}.'))
     common = dict(domain=self.name, task_id=f'{self.name}-{split}-{index}-{rng.randrange(10 ** 6)}', split=split,
                   persona=rng.choice(PERSONAS), initial_db=db, facts=facts,
                   entities=tuple(titles + people + [db['owner']]))
@@ -182,6 +182,7 @@ class Calendar(Domain):
       bad_date, bad_start = rng.choice(weekend).isoformat(), free_start
       reason = f'{bad_date} is a weekend day and meetings are only on weekdays'
     instruction = draw(rng, CREATE, split).format(**dict(fill, date=bad_date, start=bad_start))
-    return Task(kind='refuse', instruction=instruction, gold_actions=(), expert_final=f'Sorry, I am not allowed to book that: {reason}.',
+    return Task(kind='refuse', instruction=instruction, gold_actions=(),
+                expert_final=f'Sorry, I am not allowed to book that: {reason}.',
                 forbidden_actions=(ToolCall('create_event', dict(create.arguments, date=bad_date, start=bad_start)),),
                 **common)

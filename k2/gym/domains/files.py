@@ -136,7 +136,7 @@ class Files(Domain):
       target = rng.choice(drafts)
       names = ', '.join(posixpath.basename(d) for d in drafts)
       directory = f'{home}/drafts'
-      fact = Fact('file', target, ('which', 'file name', 'filename'),
+      fact = Fact('file', target, ('which', 'file name', 'filename', 'name of the file'),
                   f'The one I mean is {posixpath.basename(target)}.')
       return Task(kind='ask', instruction=draw(rng, DELETE_ASK, split).format(dir=directory), facts=(fact,),
                   withheld=('file',), gold_actions=(ToolCall('list_files', {'directory': directory}),

@@ -146,8 +146,9 @@ class Retail(Domain):
     reason = rng.choice(sorted(REASONS))
     why = rng.choice(REASONS[reason])
     fill = dict(email=user['email'], name=user['name'], order_id=order_id, why=why, why_cap=why[0].upper() + why[1:])
-    facts = [Fact('email', user['email'], ('email',), f'My email is {user["email"]}.'),
-             Fact('order_id', order_id, ('order id', 'order number', 'which order'), f'It is order {order_id}.'),
+    facts = [Fact('email', user['email'], ('email', 'e-mail'), f'My email is {user["email"]}.'),
+             Fact('order_id', order_id, ('order id', 'order number', 'which order', 'id of the order', 'which one'),
+                  f'It is order {order_id}.'),
              Fact('reason', reason, ('reason', 'why'), f'The reason: {why}.')]
     lookups = (ToolCall('find_user_by_email', {'email': user['email']}), ToolCall('get_order', {'order_id': order_id}))
     total = f'{order["total"]:.2f}'
