@@ -1,0 +1,23 @@
+"""Environments shared by data synthesis, agent evaluation and RL: offline tau-bench-style domains with a real
+database, tools over it, a policy, tasks with a hidden user goal and gold actions, and a verifiable reward.
+
+    from k2 import gym
+    domain = gym.domains.get('retail')                    # also 'calendar', 'files', 'calculator'
+    task = domain.sample_tasks(1, seed=0, split='train')[0]
+    env = gym.ToolEnv(domain)
+    episode = gym.run_episode(env, gym.ExpertAgent(task), task)   # any agent: history -> Message or raw text
+    episode.reward, episode.info['tool_errors']
+
+`env` (the protocol, tasks, tools, success), `user` (simulated users), `expert` (the scripted expert),
+`domains/` (one file per domain). No model code: agents are plain callables.
+"""
+
+from k2.gym import domains
+from k2.gym.env import (KINDS, SPLITS, Agent, Domain, Episode, Fact, StepResult, Task, Tool, ToolEnv, execute,
+                        fact_told, gold_state, is_refusal, make_tool, run_episode)
+from k2.gym.expert import ExpertAgent, expert_messages
+from k2.gym.user import STOP, ScriptedUser, UserSimulator, UserTurn
+
+__all__ = ['KINDS', 'SPLITS', 'STOP', 'Agent', 'Domain', 'Episode', 'ExpertAgent', 'Fact', 'ScriptedUser',
+           'StepResult', 'Task', 'Tool', 'ToolEnv', 'UserSimulator', 'UserTurn', 'domains', 'execute',
+           'expert_messages', 'fact_told', 'gold_state', 'is_refusal', 'make_tool', 'run_episode']
