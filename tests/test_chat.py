@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from k2 import chat
-from k2.chat import template
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,33 +47,46 @@ CONVERSATION = [
     chat.Message('assistant', 'Snow in Oslo, -3 C.'),
 ]
 
-# K2_REFERENCE.md section 5, one message per line there, joined here with nothing between (see template.py).
-EXPECTED_TEXT = ''.join([
-    '<|im_system|>tool_declare<|im_middle|>[{"type": "function", "function": {"name": "get_weather", "description": '
-    '"Get the weather of a city.", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, '
-    '"required": ["city"]}}}]<|im_end|>',
-    '<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>',
-    '<|im_user|>user<|im_middle|>What is the weather in Paris and in Rome?<|im_end|>',
-    '<|im_assistant|>assistant<|im_middle|>Let me check.<|tool_calls_section_begin|>'
-    '<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Paris"}<|tool_call_end|>'
-    '<|tool_call_begin|>functions.get_weather:1<|tool_call_argument_begin|>{"city": "Rome"}<|tool_call_end|>'
-    '<|tool_calls_section_end|><|im_end|>',
-    '<|im_system|>tool<|im_middle|>## Return of functions.get_weather:0\nSunny, 24 C<|im_end|>',
-    '<|im_system|>tool<|im_middle|>## Return of functions.get_weather:1\nRain, 18 C<|im_end|>',
-    '<|im_assistant|>assistant<|im_middle|>Paris: sunny, 24 C. Rome: rain, 18 C.<|im_end|>',
-    '<|im_user|>user<|im_middle|>Thanks! And Oslo?<|im_end|>',
-    '<|im_assistant|>assistant<|im_middle|><|tool_calls_section_begin|>'
-    '<|tool_call_begin|>functions.get_weather:2<|tool_call_argument_begin|>{"city": "Oslo"}<|tool_call_end|>'
-    '<|tool_calls_section_end|><|im_end|>',
-    '<|im_system|>tool<|im_middle|>## Return of functions.get_weather:2\n{"weather": "Snow", "celsius": -3}<|im_end|>',
-    '<|im_assistant|>assistant<|im_middle|>Snow in Oslo, -3 C.<|im_end|>',
-])
+GOLDEN = os.path.join(ROOT, 'tests', 'golden', 'chat')
+with open(os.path.join(GOLDEN, 'conversations.json'), encoding='utf-8') as f:
+  GOLDEN_CASES = {case['name']: case for case in json.load(f)}
+
+
+def golden_text(name):
+  """What Kimi-K2-Instruct's published template renders for the golden case (tests/golden/chat/README.md)."""
+  with open(os.path.join(GOLDEN, 'rendered', f'{name}.txt'), encoding='utf-8', newline='') as f:
+    return f.read()
+
+
+def golden_messages(name):
+  return [chat.Message.from_dict(m) for m in GOLDEN_CASES[name]['messages']]
+
+
+# The golden case `multi_turn_tool_rounds` is CONVERSATION with every call id and tool_call_id written out.
+EXPECTED_TEXT = golden_text('multi_turn_tool_rounds')
 ASSISTANT_OUTPUTS = [
     EXPECTED_TEXT.split('<|im_assistant|>assistant<|im_middle|>')[i].split('<|im_end|>')[0] + '<|im_end|>'
     for i in (1, 2, 3, 4)]
 
 
-def test_multi_turn_conversation_with_tools_renders_byte_for_byte():
+@pytest.mark.parametrize('name', sorted(GOLDEN_CASES))
+def test_renders_byte_for_byte_as_the_published_template(name):
+  case = GOLDEN_CASES[name]
+  expected = golden_text(name)
+  messages = golden_messages(name)
+  assert chat.render_text(messages, tools=case.get('tools'),
+                          add_generation_prompt=case['add_generation_prompt']) == expected
+  for tokenizer in (SMALL_IDS, K2_IDS):
+    rendered = chat.render(messages, tokenizer, tools=case.get('tools'),
+                           add_generation_prompt=case['add_generation_prompt'])
+    assert rendered.text == expected
+    assert chat.decode(rendered.tokens, tokenizer) == expected
+    for token_name in chat.CHAT_SPECIAL_TOKENS:  # each special token is its one id, never spelled out in text
+      assert rendered.tokens.count(tokenizer.special_tokens[token_name]) == expected.count(token_name), token_name
+
+
+def test_default_call_ids_and_tool_call_ids_match_the_written_out_ones():
+  assert CONVERSATION[0].role == 'user' and GOLDEN_CASES['multi_turn_tool_rounds']['tools'] == TOOLS
   assert chat.render_text(CONVERSATION, tools=TOOLS) == EXPECTED_TEXT
 
 
@@ -211,6 +223,64 @@ def test_parser_on_truncated_output_returns_a_prefix_of_the_calls(content, calls
     assert parsed.errors  # a cut inside the call section is always reported
 
 
+def check_prefix_property_and_loss_mask(messages, tools, tokenizer):
+  """Rendering the first k messages is a token (and loss-mask) prefix of rendering them all, for every k; so is the
+  generation prompt before an assistant turn. The tokens message k adds are its header, not trained, then its
+  body, trained exactly when it is an assistant turn (text, tool calls and the closing <|im_end|>)."""
+  special = tokenizer.special_tokens
+  renders = [chat.render(messages[:k], tokenizer, tools=tools) for k in range(len(messages) + 1)]
+  full = renders[-1]
+  for k, part in enumerate(renders):
+    assert full.tokens[:len(part.tokens)] == part.tokens, k
+    assert full.loss_mask[:len(part.loss_mask)] == part.loss_mask, k
+    if k < len(messages) and messages[k].role == 'assistant' and messages[k].name is None:
+      prompt = chat.render(messages[:k], tokenizer, tools=tools, add_generation_prompt=True).tokens
+      assert full.tokens[:len(prompt)] == prompt, k
+  for i, message in enumerate(messages):
+    tokens = renders[i + 1].tokens[len(renders[i].tokens):]
+    mask = renders[i + 1].loss_mask[len(renders[i].loss_mask):]
+    if i == 0 and message.role != 'system':  # the default system prompt comes with the first message
+      preamble = ([special['<|im_system|>']] + tokenizer.encode('system') + [special['<|im_middle|>']]
+                  + tokenizer.encode(chat.DEFAULT_SYSTEM_PROMPT) + [special['<|im_end|>']] + tokenizer.encode('\n'))
+      assert tokens[:len(preamble)] == preamble and not any(mask[:len(preamble)])
+      tokens, mask = tokens[len(preamble):], mask[len(preamble):]
+    role_token = {'user': '<|im_user|>', 'assistant': '<|im_assistant|>'}.get(message.role, '<|im_system|>')
+    header = [special[role_token]] + tokenizer.encode(message.name or message.role) + [special['<|im_middle|>']]
+    assert tokens[:len(header)] == header and tokens[-1] == special['<|im_end|>'], i
+    assert mask == [False] * len(header) + [message.role == 'assistant'] * (len(tokens) - len(header)), i
+
+
+@pytest.mark.parametrize('name', sorted(GOLDEN_CASES))
+def test_prefix_property_and_loss_mask_on_the_golden_conversations(name):
+  case = GOLDEN_CASES[name]
+  for tokenizer in (SMALL_IDS, K2_IDS):
+    check_prefix_property_and_loss_mask(golden_messages(name), case.get('tools'), tokenizer)
+
+
+names = st.none() | st.from_regex(r'[a-z_]{1,8}', fullmatch=True)
+
+
+@st.composite
+def conversations(draw):
+  """system?, then rounds of user -> assistant (text, or calls answered by tool results, then text)."""
+  messages = [chat.Message('system', draw(plain_text))] if draw(st.booleans()) else []
+  for _ in range(draw(st.integers(1, 3))):
+    messages.append(chat.Message('user', draw(plain_text), name=draw(names)))
+    for _ in range(draw(st.integers(0, 2))):
+      calls = draw(tool_calls)
+      messages.append(chat.Message('assistant', draw(plain_text), tool_calls=tuple(calls)))
+      for call in calls:
+        messages.append(chat.Message('tool', draw(plain_text), name=draw(st.sampled_from([None, call.name]))))
+    messages.append(chat.Message('assistant', draw(plain_text), name=draw(st.none() | st.just('kimi'))))
+  return messages
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=conversations(), with_tools=st.booleans())
+def test_prefix_property_and_loss_mask_on_random_conversations(messages, with_tools):
+  check_prefix_property_and_loss_mask(messages, TOOLS if with_tools else None, SMALL_IDS)
+
+
 def test_declarations_and_running_calls():
   declaration = chat.declaration(chat.LOCAL_TOOLS['calculator'])
   assert declaration['function']['name'] == 'calculator'
@@ -247,7 +317,7 @@ def test_respond_runs_tool_calls_and_feeds_results_back():
                          max_new_tokens=64, max_tool_rounds=2, write=shown.append)
   assert [m.role for m in new] == ['assistant', 'tool', 'assistant']
   assert new[1].content == '42' and new[2].content == 'It is 42.'
-  assert prompts[0].startswith('<|im_system|>tool_declare<|im_middle|>[{"type": "function"')
+  assert prompts[0].startswith('<|im_system|>tool_declare<|im_middle|>[{"type":"function"')
   assert prompts[1].endswith('## Return of functions.calculator:0\n42<|im_end|><|im_assistant|>assistant<|im_middle|>')
   assert 'It is 42.' in ''.join(shown)
 

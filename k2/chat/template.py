@@ -1,24 +1,39 @@
 """Kimi-K2-Instruct's chat format (K2_REFERENCE.md section 5), rendered to text, or to tokens with a loss mask.
 
-    <|im_system|>tool_declare<|im_middle|>[tools as JSON]<|im_end|>
-    <|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>
+    <|im_system|>tool_declare<|im_middle|>[tools as compact JSON]<|im_end|>
+    <|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>\n
     <|im_user|>user<|im_middle|>...<|im_end|>
     <|im_assistant|>assistant<|im_middle|>text<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:0<|tool_call_argument_begin|>{"a": 1}<|tool_call_end|><|tool_calls_section_end|><|im_end|>
     <|im_system|>tool<|im_middle|>## Return of functions.NAME:0
     result text<|im_end|>
 
-The reference prints one message per line; the messages themselves are joined with nothing between them, as
-Kimi-K2-Instruct's own template does (its Jinja trims every newline between tags). The one newline the format
-holds is the one after `## Return of ID` in a tool result. Rules, as in that template:
-  * tool declarations (OpenAI function specs, `json.dumps` with its default separators) come first, when given;
-  * the default system prompt above is inserted when the first message is not a system message;
-  * an assistant message is its text, then its calls in one section; a call's id defaults to
-    `functions.NAME:IDX`, IDX counting the calls of the whole conversation from 0 (K2's tool-call guidance);
-  * a tool message answers the call named by its tool_call_id, or, without one, the oldest unanswered call.
+Byte for byte what Kimi-K2-Instruct's published chat template (tests/golden/chat/kimi_k2_instruct.jinja, with
+its source) gives; tests/test_chat.py checks it on the golden conversations there. One message per line above;
+the messages themselves are joined with nothing between them. Rules, as in that template:
+  * tool declarations (OpenAI function specs, JSON with compact separators, non-ASCII kept) come first, when given;
+  * the default system prompt is inserted before the first message when that is not a system message, followed
+    by a newline (the template's `{% endif %}` line leaves it; it is the only newline between turns);
+  * a header names the message's `name` when it has one, else its role (`<|im_system|>get_weather<|im_middle|>`
+    for a tool result sent with the function's name, as K2's tool-call guidance does);
+  * an assistant message is its text, then its calls in one section; arguments given as text are written as they
+    are, a dict as JSON with the default separators;
+  * a tool result is `## Return of ID`, a newline, then its text.
+Where the template has nothing to say we choose, and say so: a call without an id gets `functions.NAME:IDX`, IDX
+counting the calls of the whole conversation from 0 (the template writes `tool_call['id']` as given; its mid-2025
+revision numbered calls within each message, K2's tool-call guidance only fixes the `functions.NAME:IDX` shape);
+a tool message without tool_call_id answers the oldest unanswered call (the template would write an empty id).
 
 `render_text` gives the string; `render` gives token ids and a loss mask that marks what the assistant wrote
 (its text, its tool-call section and its closing <|im_end|>, not the `<|im_assistant|>assistant<|im_middle|>`
-header). Any tokenizer with `encode`, `decode` and a `special_tokens` name -> id dict serves (`Tokenizer`).
+header). Each message adds its own segments after the earlier ones, never changing them, so rendering the first k
+messages is a token prefix of rendering all of them (tests check it): multi-turn training and RL append a turn's
+tokens without re-encoding. The published template keeps that property too (it renders each message on its own,
+never re-rendering earlier ones, unlike Kimi-K2-Thinking's, which drops reasoning from earlier turns); the two
+edges: the default system prompt arrives with the first message (zero messages render no system prompt), and the
+generation prompt always says `assistant`, so it is a prefix of the next turn only when that turn has no `name`.
+Every text piece sits between special tokens, so encoding piece by piece gives what a tokenizer that splits at
+special tokens gives for the whole text. Content as a list of parts (images) is not supported. Any tokenizer with
+`encode`, `decode` and a `special_tokens` name -> id dict serves (`Tokenizer`).
 """
 
 from __future__ import annotations
@@ -67,11 +82,13 @@ class ToolCall:
 @dataclasses.dataclass(frozen=True)
 class Message:
   """role: 'system' | 'user' | 'assistant' | 'tool'. tool_calls for assistant messages, tool_call_id for tool
-  results (None: the oldest unanswered call)."""
+  results (None: the oldest unanswered call); name, when set, replaces the role in the header (the template's
+  `message.get('name') or message['role']`)."""
   role: str
   content: str = ''
   tool_calls: tuple[ToolCall, ...] = ()
   tool_call_id: str | None = None
+  name: str | None = None
 
   def __post_init__(self):
     if self.role not in ROLES:
@@ -83,11 +100,11 @@ class Message:
   @classmethod
   def from_dict(cls, message: Mapping[str, Any]) -> 'Message':
     """From the OpenAI chat shape: {'role', 'content', 'tool_calls': [{'id', 'function': {'name', 'arguments'}}],
-    'tool_call_id'}."""
+    'tool_call_id', 'name'}."""
     calls = tuple(ToolCall(name=c['function']['name'], arguments=c['function'].get('arguments', {}), id=c.get('id'))
                   for c in message.get('tool_calls') or ())
     return cls(role=message['role'], content=message.get('content') or '', tool_calls=calls,
-               tool_call_id=message.get('tool_call_id'))
+               tool_call_id=message.get('tool_call_id'), name=message.get('name'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,19 +127,25 @@ def _header(role_token: str, role_name: str) -> list[Segment]:
   return [Segment(role_token, True), Segment(role_name, False), Segment(IM_MIDDLE, True)]
 
 
+def _message_header(message: Message) -> list[Segment]:
+  role_token = {'user': IM_USER, 'assistant': IM_ASSISTANT}.get(message.role, IM_SYSTEM)
+  return _header(role_token, message.name or message.role)
+
+
 def segments(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None,
              add_generation_prompt: bool = False) -> list[Segment]:
   """The conversation as special tokens and text pieces, in order (see the module docstring for the rules)."""
   out: list[Segment] = []
   if tools:
     out += _header(IM_SYSTEM, 'tool_declare') + [
-        Segment(json.dumps(list(tools), ensure_ascii=False), False), Segment(IM_END, True)]
-  if not messages or messages[0].role != 'system':
-    out += _header(IM_SYSTEM, 'system') + [Segment(DEFAULT_SYSTEM_PROMPT, False), Segment(IM_END, True)]
+        Segment(json.dumps(list(tools), ensure_ascii=False, separators=(',', ':')), False), Segment(IM_END, True)]
+  if messages and messages[0].role != 'system':
+    out += _header(IM_SYSTEM, 'system') + [Segment(DEFAULT_SYSTEM_PROMPT, False), Segment(IM_END, True),
+                                           Segment('\n', False)]
   num_calls, unanswered = 0, []
   for message in messages:
+    out += _message_header(message)
     if message.role == 'assistant':
-      out += _header(IM_ASSISTANT, 'assistant')
       out.append(Segment(message.content, False, True))
       if message.tool_calls:
         out.append(Segment(SECTION_BEGIN, True, True))
@@ -142,11 +165,9 @@ def segments(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | N
         call_id = unanswered[0]
       if call_id in unanswered:
         unanswered.remove(call_id)
-      out += _header(IM_SYSTEM, 'tool') + [Segment(f'## Return of {call_id}\n{message.content}', False),
-                                           Segment(IM_END, True)]
+      out += [Segment(f'## Return of {call_id}\n{message.content}', False), Segment(IM_END, True)]
     else:
-      role_token = IM_USER if message.role == 'user' else IM_SYSTEM
-      out += _header(role_token, message.role) + [Segment(message.content, False), Segment(IM_END, True)]
+      out += [Segment(message.content, False), Segment(IM_END, True)]
   if add_generation_prompt:
     out += _header(IM_ASSISTANT, 'assistant')
   return [s for s in out if s.text]
