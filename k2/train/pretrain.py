@@ -50,7 +50,7 @@ def print_samples(state: TrainState, setup: StepSetup, tok, prompt: str, max_new
   return texts
 
 
-def _check_shapes(model_config: ModelConfig, num_steps: int, batch_size: int, seq_len: int,
+def check_shapes(model_config: ModelConfig, num_steps: int, batch_size: int, seq_len: int,
                   loss_chunk: int | None) -> None:
   for name, value in (('NUM_STEPS', num_steps), ('BATCH_SIZE', batch_size), ('SEQ_LEN', seq_len)):
     if not isinstance(value, int) or value < 1:
@@ -78,7 +78,7 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
   exported model directory, a workdir or checkpoint of this repo, or a published HF directory; fresh optimizer.
   A resumed run ignores it (its own checkpoint is newer)."""
   # 1. Everything that can be wrong is checked before anything is written.
-  _check_shapes(model_config, num_steps, batch_size, seq_len, loss_chunk)
+  check_shapes(model_config, num_steps, batch_size, seq_len, loss_chunk)
   loop.check_workdir(workdir)
   run_mesh = loop.make_run_mesh(mesh, model_config, batch_size, grad_accum_steps)
   train_docs, eval_docs = pipeline.documents('train'), pipeline.documents('validation')
