@@ -41,8 +41,9 @@ def server(tmp_path_factory):
   tokenizer_path = str(work / 'tokenizer.json')
   tokenizer = tokenizer_lib.train_bpe(lambda: texts, vocab_size=400, path=tokenizer_path)
   model_dir = str(work / 'model')
-  recipe.export_model(model_lib.create(get_config('k2_tiny', num_layers=2, dtype='float32')), model_dir,
-                      tokenizer_path)
+  # The model's vocabulary is the tokenizer's, so every sampled id decodes to text.
+  config = get_config('k2_tiny', num_layers=2, dtype='float32', vocab_size=tokenizer.vocab_size)
+  recipe.export_model(model_lib.create(config), model_dir, tokenizer_path)
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'} | {'JAX_PLATFORMS': 'cpu'}
   log = open(work / 'server.log', 'w+')
@@ -112,6 +113,7 @@ def test_streaming_assembles_to_the_greedy_completion(server):
   client, name, _, _ = server
   messages = [{'role': 'user', 'content': 'the weather in Paris'}]
   whole = client.chat.completions.create(model=name, messages=messages, **GREEDY)
+  assert whole.choices[0].message.content  # this (untrained, seeded) model writes text here: a real comparison
   chunks = list(client.chat.completions.create(model=name, messages=messages, stream=True,
                                                stream_options={'include_usage': True}, **GREEDY))
   assert all(c.object == 'chat.completion.chunk' for c in chunks)

@@ -188,6 +188,8 @@ def create_app(model: Transformer, tokenizer: chat.Tokenizer, model_name: str, m
                     code='invalid_json')
     location = [str(part) for part in first.get('loc', ()) if part != 'body']
     param = '.'.join(location) or None
+    if param is None:
+      return _error(400, 'The request body must be a JSON object.', code='invalid_json')
     return _error(400, f'Invalid value for {param or "the request body"}: {first.get("msg", "invalid")}',
                   param=param, code='invalid_value')
 
