@@ -126,6 +126,10 @@ def test_streaming_assembles_to_the_greedy_completion(server):
   assert streamed_calls == [call.function.name for call in whole.choices[0].message.tool_calls or ()]
   assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
   assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+  two = list(client.chat.completions.create(model=name, messages=messages, stream=True, n=2, **GREEDY))
+  for index in (0, 1):  # n > 1 streams each choice under its index
+    assert ''.join(c.choices[0].delta.content or '' for c in two
+                   if c.choices and c.choices[0].index == index) == whole.choices[0].message.content
 
 
 def test_n_samples_in_one_request(server):

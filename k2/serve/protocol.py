@@ -2,8 +2,8 @@
 
     request = ChatRequest.model_validate(body)                # pydantic: 400 error JSON on anything malformed
     messages, tools = to_chat(request)                        # k2.chat.Message list, tool declarations
-    text = Completion(tokenizer, stop=request.stop_strings)   # feed generated ids; .add(token) -> content delta
-    choice = text.finish(hit_length)                          # OpenAI message (content, tool_calls), finish_reason
+    completion = Completion(tokenizer, request.stop_strings)  # .add(token) per generated id -> content delta
+    message, finish_reason, rest = completion.finish()        # OpenAI message (content, tool_calls), ...
 
 A tool in the request (`{'type': 'function', 'function': {name, description, parameters}}`) is already the
 declaration K2's template renders. A tool call in the model's output keeps K2's id `functions.NAME:IDX` as its
