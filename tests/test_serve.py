@@ -211,6 +211,23 @@ def _complete(ids, stop=()):
   return message, reason, ''.join(streamed) + rest
 
 
+def test_requests_become_k2_messages_and_declarations():
+  request = protocol.ChatRequest.model_validate({'model': 'm', 'tools': [WEATHER_TOOL], 'messages': [
+      {'role': 'developer', 'content': [{'type': 'text', 'text': 'Be '}, {'type': 'text', 'text': 'brief.'}]},
+      {'role': 'user', 'content': 'Weather in Paris?'},
+      {'role': 'assistant', 'content': None, 'tool_calls': [
+          {'id': 'functions.get_weather:0', 'type': 'function',
+           'function': {'name': 'get_weather', 'arguments': '{"city": "Paris"}'}}]},
+      {'role': 'tool', 'tool_call_id': 'functions.get_weather:0', 'content': 'sunny'}]})
+  messages, tools = protocol.to_chat(request)
+  assert tools == [WEATHER_TOOL]  # rendered as the client declared them
+  assert messages == [
+      chat.Message('system', 'Be brief.'), chat.Message('user', 'Weather in Paris?'),
+      chat.Message('assistant', '', tool_calls=(chat.ToolCall('get_weather', '{"city": "Paris"}',
+                                                              'functions.get_weather:0'),)),
+      chat.Message('tool', 'sunny', tool_call_id='functions.get_weather:0')]
+
+
 def test_tool_call_output_becomes_openai_tool_calls():
   from openai.types.chat import ChatCompletionMessage
   output = _ids('Let me check.', '<|tool_calls_section_begin|>', '<|tool_call_begin|>', 'functions.get_weather:0',

@@ -67,11 +67,11 @@ class MessageIn(_Lenient):
 
   def to_chat(self) -> chat.Message:
     content = self.content if not isinstance(self.content, list) else ''.join(p.text for p in self.content)
-    calls = tuple(chat.ToolCall(name=c.function.name, arguments=c.function.arguments, id=c.id)
-                  for c in self.tool_calls or ())
     role = 'system' if self.role == 'developer' else self.role  # OpenAI's newer name for the system role
-    return chat.Message(role, content or '', tool_calls=calls if role == 'assistant' else (),
-                        tool_call_id=self.tool_call_id if role == 'tool' else None)
+    return chat.Message.from_dict({
+        'role': role, 'content': content,
+        'tool_calls': [c.model_dump() for c in self.tool_calls or ()] if role == 'assistant' else None,
+        'tool_call_id': self.tool_call_id if role == 'tool' else None})
 
 
 class StreamOptions(_Lenient):
@@ -113,7 +113,7 @@ class ChatRequest(_Lenient):
 
 def to_chat(request: ChatRequest) -> tuple[list[chat.Message], list[dict[str, Any]] | None]:
   """The request's messages as k2.chat messages, and its tools as template declarations (None without tools)."""
-  tools = [tool.model_dump(exclude_unset=True) | {'type': 'function'} for tool in request.tools or ()]
+  tools = [tool.model_dump(exclude_unset=True) for tool in request.tools or ()]
   return [m.to_chat() for m in request.messages], tools or None
 
 
