@@ -264,6 +264,20 @@ def test_malformed_output_returns_what_parsed_as_content():
     assert 'tool_calls' not in message, name
 
 
+def test_ids_the_tokenizer_cannot_decode_are_left_out():
+  class SmallVocabulary(loading.ByteTokenizer):
+    def decode(self, ids):
+      if any(i >= 256 for i in ids):
+        raise KeyError(f'unknown ids {[i for i in ids if i >= 256]}')
+      return super().decode(ids)
+
+  completion = protocol.Completion(SmallVocabulary(), ())
+  deltas = [completion.add(t) for t in BYTES.encode('ab') + [3000] + BYTES.encode('c') + [SPECIAL['<|im_end|>']]]
+  message, reason, rest = completion.finish()
+  assert (message['content'], reason, ''.join(deltas) + rest) == ('abc', 'stop', 'abc')
+  assert len(completion.ids) == 5 and 'token 3000 does not decode' in completion.errors[0]
+
+
 def test_stop_strings_cut_the_output_and_are_held_back_while_streaming():
   completion = protocol.Completion(BYTES, stop=['world'])
   deltas = [completion.add(t) for t in BYTES.encode('Hello wor')]

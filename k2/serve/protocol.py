@@ -140,18 +140,20 @@ class Completion:
 
   Streaming and non-streaming responses both go through it, so the streamed deltas always assemble to the
   non-streamed content. Malformed output never raises: whatever does not parse as a tool call stays out of
-  tool_calls (k2.chat.parse_tool_calls), and the content is what parsed as content.
+  tool_calls (k2.chat.parse_tool_calls), the content is what parsed as content, and an id the tokenizer cannot
+  decode (a model vocabulary larger than the tokenizer's) is left out of the text.
   """
 
   def __init__(self, tokenizer: chat.Tokenizer, stop: Sequence[str] = ()):
     self.tokenizer = tokenizer
     self.stop = list(stop)
     self.im_end = tokenizer.special_tokens[IM_END]
-    self.ids: list[int] = []
+    self.ids: list[int] = []   # every generated id (the usage count)
+    self.text_ids: list[int] = []  # those that decode
     self.text = ''        # the output decoded (special tokens by name), cut before a stop string
     self.shown = ''       # the content streamed so far
     self.stopped = False  # ended by <|im_end|> or a stop string
-    self.errors: list[str] = []  # what did not parse, once finished (for the server log)
+    self.errors: list[str] = []  # what did not decode or parse (for the server log)
 
   def add(self, token: int) -> str:
     """Takes one generated token; returns the content that became safe to show (often '')."""
@@ -161,7 +163,12 @@ class Completion:
     if token == self.im_end:
       self.stopped = True
       return ''
-    self.text = chat.decode(self.ids, self.tokenizer)
+    try:
+      self.text = chat.decode(self.text_ids + [int(token)], self.tokenizer)
+      self.text_ids.append(int(token))
+    except Exception as e:  # noqa: BLE001 (any tokenizer's failure on one id must not fail the request)
+      self.errors.append(f'token {token} does not decode ({type(e).__name__}: {e}); left out')
+      return ''
     cuts = [self.text.find(s) for s in self.stop if s in self.text]
     if cuts:
       self.text, self.stopped = self.text[:min(cuts)], True
@@ -178,7 +185,7 @@ class Completion:
   def finish(self) -> tuple[dict[str, Any], str, str]:
     """(OpenAI assistant message, finish_reason, the content not yet streamed). Call once generation ended."""
     parsed = chat.parse_tool_calls(self.text)
-    self.errors = parsed.errors
+    self.errors += parsed.errors
     content = parsed.content
     rest = content[len(self.shown):] if content.startswith(self.shown) else ''
     message: dict[str, Any] = {'role': 'assistant', 'content': content}
