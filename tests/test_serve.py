@@ -135,7 +135,7 @@ def test_streaming_assembles_to_the_greedy_completion(server):
 def test_n_samples_in_one_request(server):
   client, name, _, _ = server
   reply = client.chat.completions.create(model=name, messages=[{'role': 'user', 'content': 'hello'}], n=3,
-                                         temperature=1.0, top_p=0.9, max_tokens=8, seed=1)
+                                         temperature=1.0, top_p=0.9, max_tokens=8, seed=2**40)
   assert [c.index for c in reply.choices] == [0, 1, 2]
   assert all(c.message.role == 'assistant' for c in reply.choices)
   assert reply.usage.completion_tokens <= 3 * 8

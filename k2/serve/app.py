@@ -82,7 +82,7 @@ class Server:
     temperature = DEFAULT_TEMPERATURE if request.temperature is None else request.temperature
     sampling = {'temperature': temperature, 'top_p': 1.0 if request.top_p is None else request.top_p,
                 'stop_tokens': [self.im_end],
-                'seed': request.seed if request.seed is not None else secrets.randbits(31)}
+                'seed': request.seed % 2**31 if request.seed is not None else secrets.randbits(31)}  # any int
     return prompt, budget if budget is not None else min(room, self.default_max_tokens), sampling
 
   def complete(self, request: protocol.ChatRequest) -> dict[str, Any]:
