@@ -13,15 +13,15 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
-import jax.numpy as jnp
 from absl import app, flags, logging
 
-from k2 import chat, convert, hf, sample
+from k2 import chat, hf, sample
 from k2.config import ConfigError
+from k2.serve import loading
+from k2.serve.loading import ByteTokenizer  # noqa: F401  (the CLI's byte fallback; tests script the loop with it)
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'Model directory written by k2.convert.save_orbax.')
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, 'tokenizer.json or tiktoken file; default: the one in '
@@ -35,36 +35,6 @@ _TOP_P = flags.DEFINE_float('top_p', 1.0, 'Nucleus sampling mass.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 _DTYPE = flags.DEFINE_enum('model_dtype', 'float32', ['float32', 'bfloat16'], 'Parameter and compute dtype.')
 _MAX_TOOL_ROUNDS = flags.DEFINE_integer('max_tool_rounds', 4, 'Tool calls answered per user turn before stopping.')
-
-
-class ByteTokenizer:
-  """UTF-8 bytes as ids 0-255, the chat special tokens after them."""
-
-  def __init__(self):
-    self.special_tokens = {name: 256 + i for i, name in enumerate(chat.K2_SPECIAL_TOKENS)}
-
-  def encode(self, text: str) -> list[int]:
-    return list(text.encode('utf-8'))
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return bytes(i for i in ids if 0 <= i < 256).decode('utf-8', errors='replace')
-
-
-MODEL_TOKENIZER_FILES = ('tokenizer.json', 'tiktoken.model')  # what k2.train.recipe.export_model writes
-
-
-def load_tokenizer(path: str | None, model_dir: str | None = None) -> chat.Tokenizer:
-  """The tokenizer file `path`, else the one saved in `model_dir`, else bytes (with a warning)."""
-  if path is None and model_dir is not None:
-    saved = [os.path.join(model_dir, name) for name in MODEL_TOKENIZER_FILES
-             if os.path.isfile(os.path.join(model_dir, name))]
-    path = saved[0] if saved else None
-    if path is None:
-      print(f'warning: {model_dir} holds no tokenizer; using UTF-8 bytes (pass --tokenizer)', file=sys.stderr)
-  if path is None:
-    return ByteTokenizer()
-  from k2.data import tokenizer as tokenizer_lib  # imported here: it pulls in tiktoken / tokenizers
-  return tokenizer_lib.load(path)
 
 
 # (prompt tokens, max new tokens, stop tokens, seed) -> the (token, logprob) pairs as they are decoded.
@@ -118,14 +88,9 @@ def main(argv):
   if unknown:
     sys.exit(f'error: unknown tools {unknown}; available: {", ".join(chat.LOCAL_TOOLS)}')
   try:
-    tokenizer = load_tokenizer(_TOKENIZER.value, _CHECKPOINT.value)
-    chat.check_tokenizer(tokenizer)
-    model = convert.load_orbax(_CHECKPOINT.value, dtype=jnp.dtype(_DTYPE.value))
+    model, tokenizer = loading.load(_CHECKPOINT.value, _TOKENIZER.value, _DTYPE.value)
   except (ConfigError, hf.CheckpointError, ValueError, OSError) as e:
     sys.exit(f'error: {e}')
-  largest = max(tokenizer.special_tokens[name] for name in chat.CHAT_SPECIAL_TOKENS)
-  if largest >= model.config.vocab_size:
-    sys.exit(f'error: the tokenizer uses id {largest} but the model has only {model.config.vocab_size} tokens')
 
   def stream_fn(prompt, max_new_tokens, stop, seed):
     return sample.stream(model, prompt, max_new_tokens, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
