@@ -21,26 +21,32 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'With --coordinator
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --coordinator_address: this process, 0-based.')
 
 
-def run(gin_files, gin_bindings, workdir: str) -> dict:
-  """Parses the config and trains; any configuration problem exits with a one-line `error: ...`."""
+def run(gin_files, gin_bindings, workdir: str, stage: str = 'pretrain') -> dict:
+  """Parses the config and runs the stage (k2.train.pretrain.train, or k2.train.sft.sft with stage='sft'); any
+  configuration problem exits with a one-line `error: ...`."""
   from k2 import gin_setup
-  from k2.train import pretrain  # registers the stage's gin configurables (and imports JAX, grain, TFDS)
+  from k2.train import pretrain, sft  # register the stages' gin configurables (and import JAX, grain, TFDS)
   try:
     gin_setup.parse(gin_files, gin_bindings)
-    return pretrain.train(workdir)
+    return pretrain.train(workdir) if stage == 'pretrain' else sft.sft(workdir)
   except ConfigError as e:  # gin appends 'In call to configurable ...' lines
     sys.exit(f'error: {str(e).splitlines()[0]}')
 
 
-def main(argv):
-  del argv
+def launch(stage: str) -> None:
+  """What a stage launcher's main does: logging, a first line at once, the distributed start-up, the stage."""
   if not flags.FLAGS['verbosity'].present:  # orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
-  print(f'k2 pretraining: {" ".join(_GIN_FILE.value)} -> {_WORKDIR.value} (loading JAX, the data and the config)',
+  print(f'k2 {stage}: {" ".join(_GIN_FILE.value)} -> {_WORKDIR.value} (loading JAX, the data and the config)',
         flush=True)
   from k2 import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  run(_GIN_FILE.value, _GIN_BINDINGS.value, _WORKDIR.value)
+  run(_GIN_FILE.value, _GIN_BINDINGS.value, _WORKDIR.value, stage)
+
+
+def main(argv):
+  del argv
+  launch('pretrain')
 
 
 if __name__ == '__main__':

@@ -23,9 +23,8 @@ from k2 import sharding
 from k2.config import ConfigError, ModelConfig
 from k2.data import conversations as conversations_lib
 from k2.data import tokenizer as tokenizer_lib
+from k2.serve.loading import MODEL_TOKENIZER_FILES
 from k2.train import loop, pretrain, recipe
-
-MODEL_TOKENIZER_FILES = ('tokenizer.json', 'tiktoken.model')  # what recipe.export_model writes beside a model
 
 
 def model_tokenizer(init_from: str | None, path: str | None) -> tokenizer_lib.Tokenizer:
