@@ -102,14 +102,14 @@ def initial_model(config: ModelConfig, seed: int = 0, init_from: str | None = No
   path = os.path.abspath(os.path.expanduser(init_from))
   if not os.path.isdir(path):
     raise ConfigError(f'init_from {init_from}: no such directory')
-  checkpoints = os.path.join(path, 'checkpoints')
+  is_workdir = os.path.isdir(os.path.join(path, 'checkpoints'))
+  is_checkpoint = os.path.isdir(os.path.join(path, 'state')) and os.path.isdir(os.path.join(path, 'meta'))
   try:
-    if os.path.isdir(checkpoints) or os.path.isdir(os.path.join(path, 'state')) and os.path.isfile(
-        os.path.join(path, 'meta', 'metadata')):
+    if is_workdir or is_checkpoint:  # this repo's training checkpoints: the latest one, or the one named
       model = _model_from_train_checkpoint(path, config)
-    elif os.path.isdir(os.path.join(path, 'state')):
+    elif os.path.isdir(os.path.join(path, 'state')):  # an exported model directory (k2.convert.save_orbax)
       model = convert.load_orbax(path, dtype=config.param_dtype)
-    else:
+    else:  # a published checkpoint: config.json + safetensors
       model = hf.load(path, dtype=config.param_dtype)
   except hf.CheckpointError as e:
     raise ConfigError(f'init_from {init_from}: {e}') from None
