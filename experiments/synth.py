@@ -4,7 +4,7 @@
     python -m experiments.sft ... --gin_bindings="CONVERSATIONS = '/tmp/k2_synth/judged/accepted-*.jsonl'"
 
 Rerunning the same command on the same --out resumes from its last complete shard (k2.synth.shards); another
-config on an existing --out is an error. Layout of --out and the judge's rules: k2/synth/pipeline.py, judge.py.
+config on an existing --out is an error. Layout of --out and the judge's rules: k2/synth/pipeline.py, judging.py.
 Prints a JSON summary: counts per step, per domain, per rejection reason, and the wall time.
 """
 

@@ -61,7 +61,7 @@ def test_judge_accepts_every_expert_trajectory(name):
     assert synth.judge(task, gym.run_episode(gym.ToolEnv(gym.domains.get(name)), gym.ExpertAgent(task), task)) \
         == synth.Verdict(True)
     for seed in range(3):
-      assert verdict(task, synth.ExpertAgent(task, seed)) == synth.Verdict(True), task.task_id
+      assert verdict(task, synth.VariedExpertAgent(task, seed)) == synth.Verdict(True), task.task_id
 
 
 @pytest.mark.parametrize('name', DOMAINS)
@@ -88,7 +88,7 @@ def test_judge_rejects_planted_bad_trajectories(name):
     # never finishing: the user gives up after its turn limit
     assert not verdict(task, replay([Message('assistant', 'Hmm, let me think about it.')] * 30)).accepted
     # a user who never ends the conversation: cut at the environment's turn limit, even though the state is right
-    result = verdict(task, synth.ExpertAgent(task), user_factory=NeverDone)
+    result = verdict(task, synth.VariedExpertAgent(task), user_factory=NeverDone)
     assert has_reason(result, 'never ended the conversation within the turn limit'), task.task_id
     # a backend that fails before its last message (a timeout, a 5xx)
     last = len(synth.varied_expert_messages(task, seed=0)) - 1
@@ -117,7 +117,7 @@ class FailingAfter:
   """The expert, whose backend fails (by default, times out) from its `turns`-th message on."""
 
   def __init__(self, task, turns, error=TimeoutError('the endpoint did not answer in 30 s')):
-    self.expert, self.turns, self.error = synth.ExpertAgent(task), turns, error
+    self.expert, self.turns, self.error = synth.VariedExpertAgent(task), turns, error
 
   def __call__(self, history):
     if sum(m.role == 'assistant' for m in history) >= self.turns:
@@ -132,7 +132,7 @@ class FlakyBackend:
   def agent(self, task, tools, seed):
     if int(task.task_id.split('-')[2]) % 3 == 0:
       return FailingAfter(task, 0, RuntimeError('HTTP 503 Service Unavailable'))
-    return synth.ExpertAgent(task, seed)
+    return synth.VariedExpertAgent(task, seed)
 
 
 class GarbageBackend:

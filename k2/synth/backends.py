@@ -12,7 +12,7 @@ Implementations:
                  some tool calls, an opening and a closing around the final message, and K2-style call ids.
 Extension points (not implemented here; each is a class with `name` and `agent(task, tools, seed)`):
   an OpenAI-compatible HTTP client (the `openai` package): the agent converts the history to OpenAI message dicts
-    (k2.synth.judge.message_dict), calls `client.chat.completions.create(model=..., messages=..., tools=tools,
+    (k2.synth.judging.message_dict), calls `client.chat.completions.create(model=..., messages=..., tools=tools,
     temperature=..., timeout=...)` and returns `Message.from_dict(choice.message.model_dump())`; `task` is unused
     (the agent sees only what a deployed model sees). Let timeouts and 5xx raise: the episode is rejected, the
     run continues.
@@ -73,7 +73,7 @@ def varied_expert_messages(task: Task, seed: int) -> list[Message]:
   return plan
 
 
-class ExpertAgent:
+class VariedExpertAgent:
   """An Agent replaying `varied_expert_messages(task, seed)`, a pure function of the history (it counts its own
   past messages); past its plan it asks what else."""
 
@@ -91,4 +91,4 @@ class ExpertBackend:
 
   def agent(self, task: Task, tools: Sequence[Mapping[str, Any]], seed: int) -> Agent:
     del tools  # the expert knows the task's gold actions
-    return ExpertAgent(task, seed)
+    return VariedExpertAgent(task, seed)

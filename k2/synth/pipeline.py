@@ -10,7 +10,7 @@ Steps (each a directory of JSONL shards under `out`, listed in out/manifest.json
                                           against k2.gym.ToolEnv with the scripted user; {task_id, domain, kind,
                                           messages (OpenAI shape), reward, info}.
   judged/accepted-NNNNN.jsonl             the passing ones as SFT conversations {messages, tools, task_id, domain,
-                                          kind} (k2.synth.judge.conversation), and
+                                          kind} (k2.synth.judging.conversation), and
   judged/rejected-NNNNN.jsonl             the failing ones with their reasons and full messages, for inspection.
 Each step reads only the previous step's files, so a step can be rerun alone (a new judge over old trajectories, in
 a new directory). Everything is a pure function of the config, so a killed run rerun with the same arguments
@@ -27,7 +27,7 @@ from typing import Any
 from k2 import gym
 from k2.chat import Message
 from k2.synth.backends import Backend, ExpertBackend
-from k2.synth.judge import conversation, judge, message_dict
+from k2.synth.judging import conversation, judge, message_dict
 from k2.synth.shards import Manifest, read_jsonl, write_jsonl
 
 STEPS = ('tasks', 'trajectories', 'judged')
@@ -82,36 +82,24 @@ def run(out: str | pathlib.Path, config: SynthConfig, backend: Backend | None = 
   on_shard(step, index) is called after each shard is recorded complete (progress; tests kill the run there)."""
   backend = backend or ExpertBackend()
   out = pathlib.Path(out)
-  manifest = Manifest.open(out, dict(dataclasses.asdict(config), backend=backend.name,
-                                     user=getattr(user_factory, '__name__', 'scripted') if user_factory else 'scripted'))
+  user = 'scripted' if user_factory is None else getattr(user_factory, '__name__', type(user_factory).__name__)
+  manifest = Manifest.open(out, dict(dataclasses.asdict(config), backend=backend.name, user=user))
   tasks = _all_tasks(config)
-  n_shards = -(-len(tasks) // config.shard_size)
-
-  def step(name: str, index: int, make_files: Callable[[], list[dict[str, Any]]]) -> None:
-    if manifest.complete(name, index):
-      return
-    manifest.record(name, index, make_files())
-    if on_shard is not None:
-      on_shard(name, index)
-
-  for index in range(n_shards):
-    shard = tasks[index * config.shard_size:(index + 1) * config.shard_size]
-    step('tasks', index, lambda: [write_jsonl(out / 'tasks' / _shard_name('tasks', index),
-                                              (task.to_dict() for task in shard))])
-
-  def trajectories(index: int) -> list[dict[str, Any]]:
-    shard = [gym.Task.from_dict(record) for record in read_jsonl(out / 'tasks' / _shard_name('tasks', index))]
-    return [write_jsonl(out / 'trajectories' / _shard_name('trajectories', index),
-                        (_trajectory(task, play(task, backend, config, user_factory)) for task in shard))]
-
-  for index in range(n_shards):
-    step('trajectories', index, lambda: trajectories(index))
-
   tools = {name: gym.domains.get(name).tool_specs() for name in config.domains}
 
-  def judged(index: int) -> list[dict[str, Any]]:
-    tasks_by_id = {record['task_id']: gym.Task.from_dict(record)
-                   for record in read_jsonl(out / 'tasks' / _shard_name('tasks', index))}
+  def task_shard(index: int) -> list[dict[str, Any]]:
+    shard = tasks[index * config.shard_size:(index + 1) * config.shard_size]
+    return [write_jsonl(out / 'tasks' / _shard_name('tasks', index), (task.to_dict() for task in shard))]
+
+  def read_tasks(index: int) -> list[gym.Task]:
+    return [gym.Task.from_dict(record) for record in read_jsonl(out / 'tasks' / _shard_name('tasks', index))]
+
+  def trajectory_shard(index: int) -> list[dict[str, Any]]:
+    return [write_jsonl(out / 'trajectories' / _shard_name('trajectories', index),
+                        (_trajectory(task, play(task, backend, config, user_factory)) for task in read_tasks(index)))]
+
+  def judged_shard(index: int) -> list[dict[str, Any]]:
+    tasks_by_id = {task.task_id: task for task in read_tasks(index)}
     accepted, rejected = [], []
     for record in read_jsonl(out / 'trajectories' / _shard_name('trajectories', index)):
       messages = [Message.from_dict(m) for m in record['messages']]
@@ -124,8 +112,14 @@ def run(out: str | pathlib.Path, config: SynthConfig, backend: Backend | None = 
     return [write_jsonl(out / 'judged' / _shard_name('accepted', index), accepted),
             write_jsonl(out / 'judged' / _shard_name('rejected', index), rejected)]
 
-  for index in range(n_shards):
-    step('judged', index, lambda: judged(index))
+  n_shards = -(-len(tasks) // config.shard_size)
+  for step, make_shard in zip(STEPS, (task_shard, trajectory_shard, judged_shard)):
+    for index in range(n_shards):
+      if manifest.complete(step, index):
+        continue  # a complete shard is never rewritten
+      manifest.record(step, index, make_shard(index))
+      if on_shard is not None:
+        on_shard(step, index)
   return summary(out, manifest)
 
 
