@@ -1,0 +1,140 @@
+"""The synthesis pipeline: tasks -> trajectories -> judged SFT conversations, as resumable sharded steps.
+
+    summary = run('/tmp/synth', SynthConfig(tasks_per_domain=600, shard_size=200))
+    k2.data.conversations.read('/tmp/synth/judged/accepted-*.jsonl')      # the SFT set
+
+Steps (each a directory of JSONL shards under `out`, listed in out/manifest.json; k2.synth.shards):
+  tasks/tasks-NNNNN.jsonl                 Task.to_dict() of `tasks_per_domain` 'train' tasks per domain, seeded,
+                                          domains in order, cut into shards of `shard_size`.
+  trajectories/trajectories-NNNNN.jsonl   one episode per task of the same-numbered task shard: the backend's agent
+                                          against k2.gym.ToolEnv with the scripted user; {task_id, domain, kind,
+                                          messages (OpenAI shape), reward, info}.
+  judged/accepted-NNNNN.jsonl             the passing ones as SFT conversations {messages, tools, task_id, domain,
+                                          kind} (k2.synth.judging.conversation), and
+  judged/rejected-NNNNN.jsonl             the failing ones with their reasons and full messages, for inspection.
+Each step reads only the previous step's files, so a step can be rerun alone (a new judge over old trajectories, in
+a new directory). Everything is a pure function of the config, so a killed run rerun with the same arguments
+finishes with the same files as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+from k2 import gym
+from k2.chat import Message
+from k2.synth.backends import Backend, ExpertBackend
+from k2.synth.judging import conversation, judge, message_dict
+from k2.synth.shards import Manifest, read_jsonl, write_jsonl
+
+STEPS = ('tasks', 'trajectories', 'judged')
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthConfig:
+  """tasks_per_domain: 'train' tasks drawn per domain; shard_size: records per shard; seed: for the tasks, the
+  expert's wording and the user; domains: k2.gym domain names; max_user_turns, max_assistant_turns: ToolEnv caps."""
+  tasks_per_domain: int = 600
+  shard_size: int = 200
+  seed: int = 0
+  domains: tuple[str, ...] = ('retail', 'calendar', 'files', 'calculator')
+  max_user_turns: int = 8
+  max_assistant_turns: int = 24
+
+  def __post_init__(self):
+    if self.tasks_per_domain < 1 or self.shard_size < 1:
+      raise ValueError(f'tasks_per_domain and shard_size must be >= 1, got {self.tasks_per_domain}, {self.shard_size}')
+    for name in self.domains:
+      gym.domains.get(name)  # KeyError naming the known domains
+
+
+def _shard_name(prefix: str, index: int) -> str:
+  return f'{prefix}-{index:05d}.jsonl'
+
+
+def _all_tasks(config: SynthConfig) -> list[gym.Task]:
+  return [task for name in config.domains
+          for task in gym.domains.get(name).sample_tasks(config.tasks_per_domain, config.seed, 'train')]
+
+
+def play(task: gym.Task, backend: Backend, config: SynthConfig,
+         user_factory: Callable[[gym.Task, int], Any] | None = None) -> gym.Episode:
+  """One episode of `task` with the backend's agent; never raises for anything the agent or the user does."""
+  domain = gym.domains.get(task.domain)
+  env = gym.ToolEnv(domain, user_factory=user_factory, max_user_turns=config.max_user_turns,
+                    max_assistant_turns=config.max_assistant_turns)
+  return gym.run_episode(env, backend.agent(task, domain.tool_specs(), config.seed), task, seed=config.seed)
+
+
+def _trajectory(task: gym.Task, episode: gym.Episode) -> dict[str, Any]:
+  return {'task_id': task.task_id, 'domain': task.domain, 'kind': task.kind, 'reward': episode.reward,
+          'info': episode.info, 'messages': [message_dict(m) for m in episode.messages]}
+
+
+def run(out: str | pathlib.Path, config: SynthConfig, backend: Backend | None = None,
+        user_factory: Callable[[gym.Task, int], Any] | None = None,
+        on_shard: Callable[[str, int], None] | None = None) -> dict[str, Any]:
+  """Runs (or resumes) every step into `out`; returns counts per step, per domain and per rejection reason.
+  backend: the agent policy (default ExpertBackend); user_factory: the simulated user (default k2.gym.ScriptedUser);
+  on_shard(step, index) is called after each shard is recorded complete (progress; tests kill the run there)."""
+  backend = backend or ExpertBackend()
+  out = pathlib.Path(out)
+  user = 'scripted' if user_factory is None else getattr(user_factory, '__name__', type(user_factory).__name__)
+  manifest = Manifest.open(out, dict(dataclasses.asdict(config), backend=backend.name, user=user))
+  tasks = _all_tasks(config)
+  tools = {name: gym.domains.get(name).tool_specs() for name in config.domains}
+
+  def task_shard(index: int) -> list[dict[str, Any]]:
+    shard = tasks[index * config.shard_size:(index + 1) * config.shard_size]
+    return [write_jsonl(out / 'tasks' / _shard_name('tasks', index), (task.to_dict() for task in shard))]
+
+  def read_tasks(index: int) -> list[gym.Task]:
+    return [gym.Task.from_dict(record) for record in read_jsonl(out / 'tasks' / _shard_name('tasks', index))]
+
+  def trajectory_shard(index: int) -> list[dict[str, Any]]:
+    return [write_jsonl(out / 'trajectories' / _shard_name('trajectories', index),
+                        (_trajectory(task, play(task, backend, config, user_factory)) for task in read_tasks(index)))]
+
+  def judged_shard(index: int) -> list[dict[str, Any]]:
+    tasks_by_id = {task.task_id: task for task in read_tasks(index)}
+    accepted, rejected = [], []
+    for record in read_jsonl(out / 'trajectories' / _shard_name('trajectories', index)):
+      messages = [Message.from_dict(m) for m in record['messages']]
+      verdict = judge(tasks_by_id[record['task_id']], gym.Episode(messages, record['reward'], record['info']))
+      meta = {'task_id': record['task_id'], 'domain': record['domain'], 'kind': record['kind']}
+      if verdict.accepted:
+        accepted.append(conversation(messages, tools[record['domain']]) | meta)
+      else:
+        rejected.append(meta | {'reasons': list(verdict.reasons), 'messages': record['messages']})
+    return [write_jsonl(out / 'judged' / _shard_name('accepted', index), accepted),
+            write_jsonl(out / 'judged' / _shard_name('rejected', index), rejected)]
+
+  n_shards = -(-len(tasks) // config.shard_size)
+  for step, make_shard in zip(STEPS, (task_shard, trajectory_shard, judged_shard)):
+    for index in range(n_shards):
+      if manifest.complete(step, index):
+        continue  # a complete shard is never rewritten
+      manifest.record(step, index, make_shard(index))
+      if on_shard is not None:
+        on_shard(step, index)
+  return summary(out, manifest)
+
+
+def summary(out: pathlib.Path, manifest: Manifest) -> dict[str, Any]:
+  """Counts of a finished run: tasks, trajectories, accepted and rejected (total, per domain, per reason)."""
+  per_domain: dict[str, dict[str, int]] = {}
+  reasons: dict[str, int] = {}
+  for kind in ('accepted', 'rejected'):
+    for path in manifest.paths('judged', kind):
+      for record in read_jsonl(path):
+        counts = per_domain.setdefault(record['domain'], {'accepted': 0, 'rejected': 0})
+        counts[kind] += 1
+        for reason in record.get('reasons', ()):
+          key = reason.split(':')[0]
+          reasons[key] = reasons.get(key, 0) + 1
+  return {'out': str(out), 'tasks': manifest.count('tasks'), 'trajectories': manifest.count('trajectories'),
+          'accepted': manifest.count('judged', 'accepted'), 'rejected': manifest.count('judged', 'rejected'),
+          'per_domain': per_domain, 'rejection_reasons': reasons}
