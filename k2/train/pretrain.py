@@ -96,16 +96,15 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
                       'holds only empty or one-token documents')
 
   # 2. The run.
-  lr_schedule = recipe.schedule(learning_rate, num_steps)
   train_data = pipeline.lm_batches(train_docs, tok, batch_size=local_rows, seq_len=seq_len, seed=seed, **shards)
   run_start = time.time()
   state, setup, record, preempted = loop.train_stage(
-      workdir, model_config=model_config, mesh=run_mesh, optimizer=recipe.optimizer(lr_schedule),
-      schedule=lr_schedule, batches=train_data, data_iterator=train_data, seed=seed, init_from=init_from,
-      config=loop.LoopConfig(num_steps=num_steps, log_every=log_every, checkpoint_every=checkpoint_every,
-                             keep_checkpoints=keep_checkpoints, eval_every=eval_every),
+      workdir, model_config=model_config, mesh=run_mesh, batches=train_data, data_iterator=train_data, seed=seed,
+      init_from=init_from, **recipe.stage_inputs(
+          learning_rate=learning_rate, num_steps=num_steps, log_every=log_every, checkpoint_every=checkpoint_every,
+          keep_checkpoints=keep_checkpoints, eval_every=eval_every),
       evaluate=lambda s, setup: {'eval_loss': evaluate(s, eval_data, setup, run_mesh)},
-      tokens_per_step=batch_size * seq_len, operative_config=gin.operative_config_str(),
+      tokens_per_step=batch_size * seq_len,
       qk_clip_tau=qk_clip_tau, bias_update_rate=bias_update_rate, grad_accum_steps=grad_accum_steps,
       loss_chunk=loss_chunk, measure_max_logit_after_step=measure_max_logit_after_step)
   if preempted:

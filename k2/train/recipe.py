@@ -48,6 +48,17 @@ def optimizer(learning_rate: optax.Schedule, name: str = 'muonclip', weight_deca
   raise ConfigError(f"optimizer name must be 'muonclip' or 'adamw', got {name!r}")
 
 
+def stage_inputs(*, learning_rate: float, num_steps: int, log_every: int, checkpoint_every: int,
+                 keep_checkpoints: int, eval_every: int) -> dict:
+  """The gin-configured arguments of `k2.train.loop.train_stage` every stage passes alike: the WSD schedule, the
+  optimizer on it, the loop's cadence and the operative config to write into the workdir."""
+  from k2.train import loop  # loop does not import gin; the recipe is where gin meets it
+  lr_schedule = schedule(learning_rate, num_steps)
+  return dict(schedule=lr_schedule, optimizer=optimizer(lr_schedule), operative_config=gin.operative_config_str(),
+              config=loop.LoopConfig(num_steps=num_steps, log_every=log_every, checkpoint_every=checkpoint_every,
+                                     keep_checkpoints=keep_checkpoints, eval_every=eval_every))
+
+
 def export_model(model, directory: str, tokenizer_path: str | None) -> None:
   """Writes `model` (config.json + state/, k2.convert.save_orbax) and its tokenizer file to `directory`, replacing
   an earlier export only once the new one is complete (a crash leaves the old one in place)."""
