@@ -29,6 +29,7 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from k2 import chat
 from k2.chat import Message
 from k2.gym import Agent, Task, expert_messages
 
@@ -92,3 +93,66 @@ class ExpertBackend:
   def agent(self, task: Task, tools: Sequence[Mapping[str, Any]], seed: int) -> Agent:
     del tools  # the expert knows the task's gold actions
     return VariedExpertAgent(task, seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+  """One sampled assistant turn: `text` (special tokens written out, what k2.gym.ToolEnv.step parses), the prompt's
+  token ids, the sampled ids (ending with <|im_end|> unless finish_reason is 'length') and their log-probs. RL
+  trains on these ids, never on a re-encoding of `text`."""
+  text: str
+  prompt_tokens: list[int]
+  tokens: list[int]
+  logprobs: list[float]
+  finish_reason: str
+
+
+class ContextOverflow(ValueError):
+  """The conversation no longer fits the model's positions (ends the episode, like any backend error)."""
+
+
+class ModelBackend:
+  """Our own model through the sampler: each conversation rendered with k2.chat (its tools declared, the generation
+  prompt appended), continued by k2.sample.engine.rollout up to <|im_end|> or `max_new_tokens`. `complete_batch`
+  samples many conversations in one continuous-batching call (k2.gym.run_episodes steps every live episode of an
+  evaluation or an RL iteration together); `agent` serves one episode at a time (synthesis, k2.gym.run_episode)."""
+
+  def __init__(self, model, tokenizer, *, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
+               num_slots: int = 64, name: str = 'model'):
+    chat.check_tokenizer(tokenizer)
+    self.model, self.tokenizer, self.name = model, tokenizer, name
+    self.temperature, self.top_p, self.max_new_tokens, self.num_slots = temperature, top_p, max_new_tokens, num_slots
+    self.im_end = tokenizer.special_tokens[chat.template.IM_END]
+    self.max_positions = model.config.rope.max_position_embeddings
+
+  def complete_batch(self, conversations: Sequence[tuple[Sequence[Message], Sequence[Mapping[str, Any]]]],
+                     seed: int) -> list[Completion | ContextOverflow]:
+    """conversations: (history, tools) pairs. One Completion each, or a ContextOverflow for one whose prompt leaves
+    no room to answer (returned, not raised, so the other conversations go on)."""
+    from k2 import sample  # noqa: PLC0415 (JAX and the model load only for this backend, not for scripted synthesis)
+    prompts = [chat.render(history, self.tokenizer, tools=tools, add_generation_prompt=True).tokens
+               for history, tools in conversations]
+    out: list[Completion | ContextOverflow] = [
+        ContextOverflow(f'the conversation is {len(p)} tokens; the model has {self.max_positions} positions')
+        for p in prompts]
+    live = [i for i, p in enumerate(prompts) if len(p) < self.max_positions]
+    if live:
+      budgets = [min(self.max_new_tokens, self.max_positions - len(prompts[i])) for i in live]
+      result = sample.engine.rollout(
+          self.model, [prompts[i] for i in live], budgets, num_slots=self.num_slots, temperature=self.temperature,
+          top_p=self.top_p, stop_tokens=[self.im_end], seed=seed)
+      for j, i in enumerate(live):
+        out[i] = Completion(chat.decode(result.tokens[j], self.tokenizer), prompts[i], result.tokens[j],
+                            result.logprobs[j], result.finish_reasons[j])
+    return out
+
+  def agent(self, task: Task, tools: Sequence[Mapping[str, Any]], seed: int) -> Agent:
+    del task  # the model sees only what a deployed model sees
+
+    def act(history: Sequence[Message]) -> str:
+      turn = sum(message.role == 'assistant' for message in history)
+      completion = self.complete_batch([(history, tools)], seed=seed * 1009 + turn)[0]
+      if isinstance(completion, Exception):
+        raise completion
+      return completion.text
+    return act
