@@ -167,8 +167,10 @@ def rollout(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens
   stops = _stop_rows(stop_tokens, len(prompts))
   num_slots = min(num_slots, len(prompts))
   admit_group = min(admit_group, num_slots)
-  # Cache slots per sequence: the longest prompt's padded width and the longest prompt + budget, to 64.
-  slots_per_row = -(-max(_width(int(lengths.max())), int((lengths + budgets).max())) // 64) * 64
+  # Cache slots per sequence: the longest prompt's padded width and the longest prompt + budget, to a power of two
+  # (from 64), so that multi-turn callers (an episode's context grows every turn) reuse a few compiled programs; the
+  # decode kernel reads only filled slots, so the spare ones cost memory, not time.
+  slots_per_row = max(64, 1 << (max(_width(int(lengths.max())), int((lengths + budgets).max())) - 1).bit_length())
 
   graphdef, params = nnx.split(model)
   key, temp = jax.random.key(seed), np.float32(temperature or 1.0)

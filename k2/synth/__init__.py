@@ -10,11 +10,12 @@
 simulator and reward come from k2.gym. Launcher: experiments/synth.py.
 """
 
-from k2.synth.backends import Backend, ExpertBackend, VariedExpertAgent, varied_expert_messages
+from k2.synth.backends import (Backend, Completion, ContextOverflow, ExpertBackend, ModelBackend, VariedExpertAgent,
+                               varied_expert_messages)
 from k2.synth.judging import Verdict, conversation, judge, message_dict
 from k2.synth.pipeline import STEPS, SynthConfig, play, run, summary
 from k2.synth.shards import Manifest, read_jsonl, write_atomic, write_jsonl
 
-__all__ = ['STEPS', 'Backend', 'ExpertBackend', 'Manifest', 'SynthConfig', 'VariedExpertAgent', 'Verdict',
+__all__ = ['STEPS', 'Backend', 'Completion', 'ContextOverflow', 'ExpertBackend', 'ModelBackend', 'Manifest', 'SynthConfig', 'VariedExpertAgent', 'Verdict',
            'conversation', 'judge', 'message_dict', 'play', 'read_jsonl', 'run', 'summary', 'varied_expert_messages',
            'write_atomic', 'write_jsonl']

@@ -118,12 +118,13 @@ class ModelBackend:
   evaluation or an RL iteration together); `agent` serves one episode at a time (synthesis, k2.gym.run_episode)."""
 
   def __init__(self, model, tokenizer, *, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
-               num_slots: int = 64, name: str = 'model'):
+               num_slots: int = 64, max_positions: int | None = None, name: str = 'model'):
     chat.check_tokenizer(tokenizer)
     self.model, self.tokenizer, self.name = model, tokenizer, name
     self.temperature, self.top_p, self.max_new_tokens, self.num_slots = temperature, top_p, max_new_tokens, num_slots
     self.im_end = tokenizer.special_tokens[chat.template.IM_END]
-    self.max_positions = model.config.rope.max_position_embeddings
+    # max_positions may exceed the config's: RoPE has no parameters (a model pretrained shorter can be given more).
+    self.max_positions = max_positions or model.config.rope.max_position_embeddings
 
   def complete_batch(self, conversations: Sequence[tuple[Sequence[Message], Sequence[Mapping[str, Any]]]],
                      seed: int) -> list[Completion | ContextOverflow]:
@@ -138,9 +139,13 @@ class ModelBackend:
     live = [i for i, p in enumerate(prompts) if len(p) < self.max_positions]
     if live:
       budgets = [min(self.max_new_tokens, self.max_positions - len(prompts[i])) for i in live]
+      # Padded to a power-of-two count with one-token dummies (budget 1), so that as episodes end the engine
+      # compiles for a few batch sizes, not one per count.
+      pad = min(self.num_slots, 1 << (len(live) - 1).bit_length()) - len(live)
       result = sample.engine.rollout(
-          self.model, [prompts[i] for i in live], budgets, num_slots=self.num_slots, temperature=self.temperature,
-          top_p=self.top_p, stop_tokens=[self.im_end], seed=seed)
+          self.model, [prompts[i] for i in live] + [[self.im_end]] * max(pad, 0), budgets + [1] * max(pad, 0),
+          num_slots=self.num_slots, temperature=self.temperature, top_p=self.top_p, stop_tokens=[self.im_end],
+          seed=seed)
       for j, i in enumerate(live):
         out[i] = Completion(chat.decode(result.tokens[j], self.tokenizer), prompts[i], result.tokens[j],
                             result.logprobs[j], result.finish_reasons[j])
