@@ -107,6 +107,14 @@ def test_system_message_generation_prompt_and_openai_dicts():
       '<|im_assistant|>assistant<|im_middle|>')
 
 
+@pytest.mark.parametrize('part', [
+    {'type': 'image_url', 'image_url': {'url': 'https://example.com/cat.png'}}, {'type': 'text'}, 'plain string'])
+def test_content_parts_other_than_text_are_a_one_line_error(part):
+  # Text parts are joined as the template joins them (golden case `content_parts`); K2 here reads no images.
+  with pytest.raises(ValueError, match='content parts must be'):
+    chat.Message.from_dict({'role': 'user', 'content': [{'type': 'text', 'text': 'look: '}, part]})
+
+
 @pytest.mark.parametrize('tokenizer', [SMALL_IDS, K2_IDS], ids=['small_ids', 'k2_ids'])
 def test_tokens_and_loss_mask_match_the_text(tokenizer):
   rendered = chat.render(CONVERSATION, tokenizer, tools=TOOLS)

@@ -8,8 +8,13 @@
     result text<|im_end|>
 
 Byte for byte what Kimi-K2-Instruct's published chat template (tests/golden/chat/kimi_k2_instruct.jinja, with
-its source) gives; tests/test_chat.py checks it on the golden conversations there. One message per line above;
-the messages themselves are joined with nothing between them. Rules, as in that template:
+its sources) gives; tests/test_chat.py checks it on the golden conversations there. One message per line above;
+the messages themselves are joined with nothing between them. The template changed over 2025 and its copies
+disagree; this follows the latest revision (Moonshot's October 2025 update, after Kimi-K2 commit 0102674b /
+Kimi-K2-Instruct-0905 commit 94a4053e), not the earlier ones, which put default JSON separators (and, in
+September's, a `\n  # Tools\n  ` line) in the tool declaration, indented tool results by four spaces and left no
+newline after the default system prompt; tests/golden/chat/README.md lists the copies and what each renders
+differently. Rules, as in that template:
   * tool declarations (OpenAI function specs, JSON with compact separators, non-ASCII kept) come first, when given;
   * the default system prompt is inserted before the first message when that is not a system message, followed
     by a newline (the template's `{% endif %}` line leaves it; it is the only newline between turns);
@@ -19,8 +24,8 @@ the messages themselves are joined with nothing between them. Rules, as in that 
     are, a dict as JSON with the default separators;
   * a tool result is `## Return of ID`, a newline, then its text.
 Where the template has nothing to say we choose, and say so: a call without an id gets `functions.NAME:IDX`, IDX
-counting the calls of the whole conversation from 0 (the template writes `tool_call['id']` as given; its mid-2025
-revision numbered calls within each message, K2's tool-call guidance only fixes the `functions.NAME:IDX` shape);
+counting the calls of the whole conversation from 0 (the template writes `tool_call['id']` as given, an empty
+string when there is none; K2's tool-call guidance fixes only the `functions.NAME:IDX` shape);
 a tool message without tool_call_id answers the oldest unanswered call (the template would write an empty id).
 
 `render_text` gives the string; `render` gives token ids and a loss mask that marks what the assistant wrote
@@ -32,7 +37,8 @@ never re-rendering earlier ones, unlike Kimi-K2-Thinking's, which drops reasonin
 edges: the default system prompt arrives with the first message (zero messages render no system prompt), and the
 generation prompt always says `assistant`, so it is a prefix of the next turn only when that turn has no `name`.
 Every text piece sits between special tokens, so encoding piece by piece gives what a tokenizer that splits at
-special tokens gives for the whole text. Content as a list of parts (images) is not supported. Any tokenizer with
+special tokens gives for the whole text. Content given as OpenAI text parts is their texts joined with nothing
+between them (the template's `render_content`); image parts are refused (K2 reads text). Any tokenizer with
 `encode`, `decode` and a `special_tokens` name -> id dict serves (`Tokenizer`).
 """
 
@@ -103,8 +109,21 @@ class Message:
     'tool_call_id', 'name'}."""
     calls = tuple(ToolCall(name=c['function']['name'], arguments=c['function'].get('arguments', {}), id=c.get('id'))
                   for c in message.get('tool_calls') or ())
-    return cls(role=message['role'], content=message.get('content') or '', tool_calls=calls,
+    return cls(role=message['role'], content=_content_text(message.get('content')), tool_calls=calls,
                tool_call_id=message.get('tool_call_id'), name=message.get('name'))
+
+
+def _content_text(content: str | Sequence[Mapping[str, Any]] | None) -> str:
+  """OpenAI message content as text: None is empty, text parts are joined with nothing between them."""
+  if content is None or isinstance(content, str):
+    return content or ''
+  texts = []
+  for part in content:
+    if not (isinstance(part, Mapping) and part.get('type') == 'text' and isinstance(part.get('text'), str)):
+      raise ValueError(f'content parts must be {{"type": "text", "text": <string>}} (images are not supported); '
+                       f'got {str(part)[:80]}')
+    texts.append(part['text'])
+  return ''.join(texts)
 
 
 @dataclasses.dataclass(frozen=True)
