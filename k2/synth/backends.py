@@ -36,8 +36,7 @@ from typing import Any, Protocol
 import openai
 
 from k2.chat import Message, ToolCall
-from k2.gym import Agent, Task, expert_messages
-from k2.gym.env import TRANSIENT_ERROR
+from k2.gym import TRANSIENT_ERROR, Agent, Task, expert_messages
 from k2.synth.judging import message_dict
 
 # The expert's own wording, varied per (task, seed); none of these reads as a refusal (k2.gym.is_refusal), asks to

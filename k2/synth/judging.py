@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from k2.chat import Message
-from k2.gym import Episode, Task
+from k2.gym import Completer, Episode, Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,13 +79,6 @@ class Judge(Protocol):
   name: str
 
   def __call__(self, task: Task, episode: Episode) -> Verdict: ...
-
-
-class Completer(Protocol):
-  """What a model-backed role needs of a backend (k2.synth.backends.OpenAIBackend has it)."""
-  name: str
-
-  def complete(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None) -> Message: ...
 
 
 def all_of(*judges: Judge) -> Judge:

@@ -7,10 +7,11 @@ Steps (each a directory of JSONL shards under `out`, listed in out/manifest.json
   tasks/tasks-NNNNN.jsonl                 Task.to_dict() of `tasks_per_domain` 'train' tasks per domain, seeded,
                                           domains in order, cut into shards of `shard_size`.
   trajectories/trajectories-NNNNN.jsonl   one episode per task of the same-numbered task shard: the backend's agent
-                                          against k2.gym.ToolEnv with the scripted user; {task_id, domain, kind,
-                                          messages (OpenAI shape), reward, info}.
-  judged/accepted-NNNNN.jsonl             the passing ones as SFT conversations {messages, tools, task_id, domain,
-                                          kind} (k2.synth.judging.conversation), and
+                                          against k2.gym.ToolEnv (with `failure_rate` of transient tool errors)
+                                          and the simulated user; {task_id, domain, kind, messages (OpenAI shape),
+                                          reward, info}.
+  judged/accepted-NNNNN.jsonl             the passing ones (by the run's judge) as SFT conversations {messages,
+                                          tools, task_id, domain, kind} (k2.synth.judging.conversation), and
   judged/rejected-NNNNN.jsonl             the failing ones with their reasons and full messages, for inspection.
 Each step reads only the previous step's files, so a step can be rerun alone (a new judge over old trajectories, in
 a new directory). Everything is a pure function of the config, so a killed run rerun with the same arguments
@@ -27,7 +28,7 @@ from typing import Any
 from k2 import gym
 from k2.chat import Message
 from k2.synth.backends import Backend, ExpertBackend
-from k2.synth.judging import conversation, judge, message_dict
+from k2.synth.judging import Judge, conversation, judge, message_dict
 from k2.synth.shards import Manifest, read_jsonl, write_jsonl
 
 STEPS = ('tasks', 'trajectories', 'judged')
@@ -36,17 +37,21 @@ STEPS = ('tasks', 'trajectories', 'judged')
 @dataclasses.dataclass(frozen=True)
 class SynthConfig:
   """tasks_per_domain: 'train' tasks drawn per domain; shard_size: records per shard; seed: for the tasks, the
-  expert's wording and the user; domains: k2.gym domain names; max_user_turns, max_assistant_turns: ToolEnv caps."""
+  expert's wording, the user and the failures; domains: k2.gym domain names; max_user_turns, max_assistant_turns:
+  ToolEnv caps; failure_rate: ToolEnv's share of tool calls failing transiently (the expert retries them)."""
   tasks_per_domain: int = 600
   shard_size: int = 200
   seed: int = 0
   domains: tuple[str, ...] = ('retail', 'calendar', 'files', 'calculator')
   max_user_turns: int = 8
   max_assistant_turns: int = 24
+  failure_rate: float = 0.0
 
   def __post_init__(self):
     if self.tasks_per_domain < 1 or self.shard_size < 1:
       raise ValueError(f'tasks_per_domain and shard_size must be >= 1, got {self.tasks_per_domain}, {self.shard_size}')
+    if not 0.0 <= self.failure_rate < 1.0:
+      raise ValueError(f'failure_rate must be in [0, 1), got {self.failure_rate}')
     for name in self.domains:
       gym.domains.get(name)  # KeyError naming the known domains
 
@@ -65,7 +70,7 @@ def play(task: gym.Task, backend: Backend, config: SynthConfig,
   """One episode of `task` with the backend's agent; never raises for anything the agent or the user does."""
   domain = gym.domains.get(task.domain)
   env = gym.ToolEnv(domain, user_factory=user_factory, max_user_turns=config.max_user_turns,
-                    max_assistant_turns=config.max_assistant_turns)
+                    max_assistant_turns=config.max_assistant_turns, failure_rate=config.failure_rate)
   return gym.run_episode(env, backend.agent(task, domain.tool_specs(), config.seed), task, seed=config.seed)
 
 
@@ -75,15 +80,17 @@ def _trajectory(task: gym.Task, episode: gym.Episode) -> dict[str, Any]:
 
 
 def run(out: str | pathlib.Path, config: SynthConfig, backend: Backend | None = None,
-        user_factory: Callable[[gym.Task, int], Any] | None = None,
+        user_factory: Callable[[gym.Task, int], Any] | None = None, judge: Judge = judge,
         on_shard: Callable[[str, int], None] | None = None) -> dict[str, Any]:
   """Runs (or resumes) every step into `out`; returns counts per step, per domain and per rejection reason.
   backend: the agent policy (default ExpertBackend); user_factory: the simulated user (default k2.gym.ScriptedUser);
-  on_shard(step, index) is called after each shard is recorded complete (progress; tests kill the run there)."""
+  judge: k2.synth.judging's programmatic judge by default, or any Judge (LLMJudge, all_of(...));
+  on_shard(step, index) is called after each shard is recorded complete (progress; tests kill the run there).
+  The names of the backend, user and judge go into the manifest's config with `config`."""
   backend = backend or ExpertBackend()
   out = pathlib.Path(out)
   user = 'scripted' if user_factory is None else getattr(user_factory, '__name__', type(user_factory).__name__)
-  manifest = Manifest.open(out, dict(dataclasses.asdict(config), backend=backend.name, user=user))
+  manifest = Manifest.open(out, dict(dataclasses.asdict(config), backend=backend.name, user=user, judge=judge.name))
   tasks = _all_tasks(config)
   tools = {name: gym.domains.get(name).tool_specs() for name in config.domains}
 
