@@ -109,8 +109,9 @@ class Completer(Protocol):
 class BackendUser:
   """A user simulator played by `backend`'s model (see the module docstring). The model writes the user's side, so
   roles swap in its conversation: the assistant's messages are its 'user' turns. A fact counts as revealed when
-  its value appears in a reply; the conversation ends when a reply holds STOP. A failing backend raises (ToolEnv
-  ends the episode with info['user_error'])."""
+  the assistant asked for it (one of its keywords, as for ScriptedUser) or the reply states its value; the
+  conversation ends when a reply holds STOP. A failing backend raises (ToolEnv ends the episode with
+  info['user_error'])."""
 
   def __init__(self, backend: Completer, task: Task, seed: int = 0):
     del seed  # the backend samples; its own seed, if any, is its business
@@ -131,8 +132,9 @@ class BackendUser:
     self.history.append(Message('user', assistant_text))
     reply = self.backend.complete(self.history).content.strip()
     self.history.append(Message('assistant', reply))
-    told = tuple(fact.name for fact in self.task.facts
-                 if fact.name not in self.revealed and fact_told(fact.value, reply))
+    asked = assistant_text.lower()
+    told = tuple(fact.name for fact in self.task.facts if fact.name not in self.revealed and (
+        any(word in asked for word in fact.keywords) or fact_told(fact.value, reply)))
     self.revealed.update(told)
     return UserTurn(reply, done=STOP in reply, revealed=told)
 
