@@ -246,3 +246,153 @@ def test_pipeline_with_the_llm_judge(serve, tmp_path):
   assert len(server.requests) == 16
   with pytest.raises(ConfigError, match='another config'):
     synth.run(tmp_path, SMALL)  # the programmatic judge alone is another config
+
+
+# --- LLM-played users ----------------------------------------------------------------------------------------------
+
+class FollowsThePrompt:
+  """A stand-in for a model playing the user as BackendUser's prompt says: it reads its goal and facts from the
+  system prompt, tells a fact only when the assistant (its 'user' turns) asks for it, else says goodbye with STOP."""
+  name = 'follows-the-prompt'
+
+  def __init__(self, task):
+    self.task, self.prompts = task, []
+
+  def complete(self, messages, tools=None):
+    self.prompts.append(messages)
+    asked = messages[-1].content.lower()
+    facts = [f for f in self.task.facts if any(word in asked for word in f.keywords)
+             and f'- {f.name}: {f.value}' in messages[0].content]
+    if facts:
+      return Message('assistant', ' '.join(f.reply for f in facts))
+    return Message('assistant', f'Great, thanks! {gym.STOP}')
+
+
+class NeverEnds:
+  name = 'never-ends'
+
+  def __init__(self):
+    self.calls = 0
+
+  def complete(self, messages, tools=None):
+    self.calls += 1
+    return Message('assistant', 'Hmm, and what about the other thing?')
+
+
+class Broken:
+  name = 'broken'
+
+  def complete(self, messages, tools=None):
+    raise ConnectionError('the user model is down')
+
+
+def play_with_user(task, user_backend, **env_kwargs):
+  env = gym.ToolEnv(gym.domains.get(task.domain), user_factory=gym.backend_user_factory(user_backend), **env_kwargs)
+  return gym.run_episode(env, synth.VariedExpertAgent(task), task)
+
+
+@pytest.mark.parametrize('name', sorted(gym.domains.DOMAINS))
+def test_backend_user_plays_the_task(name):
+  for task in gym.domains.get(name).sample_tasks(12, 0, 'train'):
+    backend = FollowsThePrompt(task)
+    episode = play_with_user(task, backend)
+    assert synth.judge(task, episode) == synth.Verdict(True), (task.task_id, synth.judge(task, episode))
+    assert episode.messages[-1].content.endswith(gym.STOP)
+    system, opening, first = backend.prompts[0][:3]
+    assert system.role == 'system' and f'Your goal, which the assistant only knows from what you write: ' \
+        f'{task.instruction}' in system.content and gym.STOP in system.content
+    assert gym.user.STYLES.get(task.persona, task.persona) in system.content
+    assert (opening.role, first.role, first.content) == ('user', 'assistant', task.instruction)
+    # roles swap: the assistant's messages are the user model's 'user' turns
+    said = [m.content for m in episode.messages if m.role == 'assistant' and not m.tool_calls]
+    assert [m.content for m in backend.prompts[-1][3::2]] == said
+    if task.kind == 'ask':
+      assert set(task.withheld) <= set(episode.info['revealed'])
+
+
+def test_user_that_never_ends_is_cut_and_rejected(serve, tmp_path):
+  task = gym.domains.get('retail').sample_tasks(1, 0, 'train')[0]
+  backend = NeverEnds()
+  episode = play_with_user(task, backend, max_user_turns=3)
+  assert backend.calls == 3 and episode.info['user_turns'] == 3 and episode.info['truncated']
+  assert 'the user never ended the conversation within the turn limit' in synth.judge(task, episode).reasons
+  # the same over HTTP, in a pipeline run
+  server = serve(lambda request: ok('Hmm, and what about the other thing?'))
+  summary = synth.run(tmp_path, SMALL, user_factory=gym.backend_user_factory(server.backend()))
+  assert summary['accepted'] == 0 and summary['rejected'] == 16
+  assert summary['rejection_reasons']['the user never ended the conversation within the turn limit'] == 16
+  assert json.loads((tmp_path / 'manifest.json').read_text())['config']['user'] == 'llm_user:openai:fake-model@T=0.0'
+
+
+def test_failing_user_backend_is_rejected_not_raised(tmp_path):
+  summary = synth.run(tmp_path, SMALL, user_factory=gym.backend_user_factory(Broken()))
+  assert summary['trajectories'] == 16 and summary['accepted'] == 0
+  rejected = judged(tmp_path, 'rejected')
+  assert all('user simulator error: ConnectionError: the user model is down' in r['reasons'] for r in rejected)
+  assert all(not any('never ended' in reason for reason in r['reasons']) for r in rejected)
+
+
+# --- controlled failures of the gym's tools ------------------------------------------------------------------------
+
+def retry_failed(messages):
+  """Whether a retried call failed again (the expert retries once, so the episode cannot succeed)."""
+  results = [m for m in messages if m.role in ('assistant', 'tool')]
+  failed_before = False
+  for i, message in enumerate(results):
+    if message.role == 'assistant':
+      failed = any(r.content == gym.TRANSIENT_ERROR for r in results[i + 1:i + 1 + len(message.tool_calls)])
+      if failed and failed_before:
+        return True
+      failed_before = failed
+  return False
+
+
+@pytest.mark.parametrize('name', sorted(gym.domains.DOMAINS))
+def test_expert_recovers_from_transient_tool_failures(name):
+  transient = calls = 0
+  for task in gym.domains.get(name).sample_tasks(40, 0, 'train'):
+    episode = expert_episode(task, failure_rate=0.3)
+    info = episode.info
+    transient += info['transient_errors']
+    calls += info['tool_calls']
+    failures = [m for m in episode.messages if m.content == gym.TRANSIENT_ERROR]
+    assert len(failures) == info['transient_errors'] and info['tool_errors'] == 0
+    verdict = synth.judge(task, episode)
+    # accepted unless a retry failed too; a retry is never a call beyond the gold ones
+    assert verdict.accepted != retry_failed(episode.messages), (task.task_id, verdict)
+    if verdict.accepted:
+      assert info['tool_calls'] == len(task.gold_actions) + info['transient_errors']
+    # call ids count the calls, retries included
+    ids = [c.id for m in episode.messages for c in m.tool_calls]
+    assert ids == [f'functions.{c.name}:{k}' for k, c in enumerate(c for m in episode.messages for c in m.tool_calls)]
+    assert episode.messages == expert_episode(task, failure_rate=0.3).messages  # seeded
+  assert 0.15 < transient / calls < 0.45  # the rate asked for, 0.3 (80 to 200 calls a domain: 3 sigma)
+
+
+def test_transient_failures_do_not_touch_the_database():
+  task = next(t for t in gym.domains.get('retail').sample_tasks(20, 0, 'train')
+              if gym.gold_state(gym.domains.get('retail'), t) != t.initial_db)
+  env = gym.ToolEnv(gym.domains.get('retail'), failure_rate=0.99)
+  env.reset(task)
+  result = env.step(Message('assistant', tool_calls=task.gold_actions))
+  assert env.db == task.initial_db and result.info['transient_errors'] == len(task.gold_actions)
+  assert [m.content for m in result.messages] == [gym.TRANSIENT_ERROR] * len(task.gold_actions)
+  # an agent that does not retry fails the task, and its failed calls are not beyond the gold ones
+  no_retry = [Message('assistant', tool_calls=task.gold_actions), Message('assistant', 'Done.')]
+  episode = gym.run_episode(gym.ToolEnv(gym.domains.get('retail'), failure_rate=0.99),
+                            lambda history: no_retry[min(1, sum(m.role == 'assistant' for m in history))], task)
+  reasons = synth.judge(task, episode).reasons
+  assert 'final database differs from the gold state' in reasons
+  assert not any('beyond the gold ones' in reason for reason in reasons)
+  with pytest.raises(ValueError, match='failure_rate'):
+    gym.ToolEnv(gym.domains.get('retail'), failure_rate=1.0)
+
+
+def test_pipeline_with_failures_keeps_recovered_trajectories(tmp_path):
+  config = dataclasses.replace(SMALL, tasks_per_domain=10, failure_rate=0.2)
+  summary = synth.run(tmp_path, config)
+  accepted = judged(tmp_path, 'accepted')
+  recovered = [r for r in accepted if any(m['content'] == gym.TRANSIENT_ERROR for m in r['messages'])]
+  assert summary['accepted'] >= 0.9 * 40 and recovered  # the data teaches retrying
+  for record in judged(tmp_path, 'rejected'):
+    assert retry_failed([Message.from_dict(m) for m in record['messages']])
