@@ -6,6 +6,7 @@ fails; controlled transient tool failures the expert recovers from; tool specs l
 import dataclasses
 import http.server
 import json
+import random
 import re
 import threading
 import time
@@ -396,3 +397,145 @@ def test_pipeline_with_failures_keeps_recovered_trajectories(tmp_path):
   assert summary['accepted'] >= 0.9 * 40 and recovered  # the data teaches retrying
   for record in judged(tmp_path, 'rejected'):
     assert retry_failed([Message.from_dict(m) for m in record['messages']])
+
+
+# --- tool specs: loading, evolution, the simulator -----------------------------------------------------------------
+
+WEATHER = {'type': 'object', 'properties': {'city': {'type': 'string'}, 'unit': {'enum': ['c', 'f']}},
+           'required': ['city']}
+
+
+def write(path, data):
+  path.write_text(json.dumps(data) if not isinstance(data, str) else data)
+  return path
+
+
+def test_load_tool_specs_shapes(tmp_path):
+  expected = [{'type': 'function', 'function': {'name': 'get_weather', 'description': 'Weather now.',
+                                                'parameters': WEATHER}},
+              {'type': 'function', 'function': {'name': 'ping', 'description': '',
+                                                'parameters': {'type': 'object', 'properties': {}}}}]
+  openai_file = write(tmp_path / 'openai.json', [expected[0], {'name': 'ping'}])
+  mcp_file = write(tmp_path / 'mcp.json', {'tools': [
+      {'name': 'get_weather', 'description': 'Weather now.', 'inputSchema': WEATHER}, {'name': 'ping'}]})
+  assert synth.load_tool_specs(openai_file) == synth.load_tool_specs(mcp_file) == expected
+
+
+@pytest.mark.parametrize('data, message', [
+    ('{"tools": [', 'bad.json: not JSON'),
+    ({'functions': []}, 'bad.json: expected a list of OpenAI function specs or an MCP tools/list result'),
+    ([{'name': 'ok', 'parameters': {'type': 'object', 'properties': {'x': {'type': 'strng'}}}}],
+     "bad.json: tool 'ok': invalid parameters schema: "),
+    ({'tools': [{'name': 'a'}, {'name': 'b', 'inputSchema': {'type': 'array'}}]},
+     "bad.json: tool 'b': parameters must be a JSON schema of type \"object\""),
+    ([{'name': 'has space'}], "bad.json: tool 'has space': a name of 1 to 64"),
+    ([{'description': 'no name'}], "bad.json: tool '#0': a name of 1 to 64"),
+    ([{'name': 'a'}, {'name': 'a'}], "bad.json: tool 'a': declared twice"),
+    ([{'type': 'code_interpreter'}], "bad.json: tool '#0': unknown tool type 'code_interpreter'"),
+    ([3], "bad.json: tool '#0': a tool must be a JSON object")])
+def test_load_tool_specs_bad_files(tmp_path, data, message):
+  with pytest.raises(ValueError) as error:
+    synth.load_tool_specs(write(tmp_path / 'bad.json', data))
+  assert message in str(error.value) and '\n' not in str(error.value)
+
+
+def schema_kinds(schema):
+  """The JSON-schema shapes a parameters schema uses: types, 'enum', 'pattern', bounds."""
+  kinds = set()
+  for prop in schema['properties'].values():
+    kinds.add(prop['type'])
+    kinds.update(key for key in ('enum', 'pattern', 'minimum', 'items') if key in prop)
+  return kinds
+
+
+def test_evolved_domains_are_seeded_varied_and_valid(tmp_path):
+  domains = synth.evolve_domains(seed=0)
+  assert domains == synth.evolve_domains(seed=0) and domains != synth.evolve_domains(seed=1)
+  assert {d.category for d in domains} == set(toolspecs.TAXONOMY) and len(domains) == 2 * len(toolspecs.TAXONOMY)
+  for domain in domains:  # the hierarchy: each domain from its category, each tool over one of its entities
+    assert domain.name in toolspecs.TAXONOMY[domain.category]
+    assert {t.collection for t in domain.tools} <= set(toolspecs.TAXONOMY[domain.category][domain.name])
+  tools = [t for d in domains for t in d.tools]
+  names = [t.name for t in tools]
+  assert len(tools) > 40 and len({name.split('_')[0] for name in names}) >= 10  # verbs
+  assert {t.operation for t in tools} == set(toolspecs.OPERATIONS)
+  kinds = set().union(*(schema_kinds(t.spec['function']['parameters']) for t in tools))
+  assert {'string', 'integer', 'number', 'boolean', 'array', 'enum', 'pattern', 'minimum'} <= kinds
+  creates = [t.spec['function']['parameters'] for t in tools if t.operation == 'create']
+  assert len({len(p['required']) for p in creates}) >= 3 and len({len(p['properties']) for p in creates}) >= 3
+  # every evolved spec loads back through the checking loader unchanged
+  for domain in domains:
+    specs = [dict(t.spec) for t in domain.tools]
+    assert synth.load_tool_specs(write(tmp_path / f'{domain.name}.json', specs)) == specs
+  with pytest.raises(ValueError, match='domains_per_category'):
+    synth.evolve_domains(0, domains_per_category=0)
+
+
+def domain_with(operations):
+  return next(d for d in synth.evolve_domains(0) if {t.operation for t in d.tools if
+                                                   t.collection == d.tools[0].collection} == set(operations))
+
+
+def valid_record(tool, rng):
+  """Arguments that fit a create tool's schema: one value per property, by its type."""
+  values = {'string': 'x', 'integer': 30, 'number': 12.5, 'boolean': True, 'array': ['a']}
+  out = {}
+  for name, schema in tool.spec['function']['parameters']['properties'].items():
+    out[name] = rng.choice(schema['enum']) if 'enum' in schema else values[schema['type']]
+    if name == 'email':
+      out[name] = 'ana@example.com'
+    if name == 'date':
+      out[name] = '2027-01-31'
+  return out
+
+
+def test_tool_simulator_store_is_consistent():
+  domain = domain_with(toolspecs.OPERATIONS)
+  tools = {t.operation: t for t in domain.tools if t.collection == domain.tools[0].collection}
+  simulator = synth.ToolSimulator(domain.tools)
+
+  def call(op, **arguments):
+    result, error = simulator(ToolCall(tools[op].name, arguments))
+    return (json.loads(result) if error is None else result), error
+
+  rng = random.Random(0)
+  first, error = call('create', **valid_record(tools['create'], rng))
+  assert error is None and re.fullmatch(rf'{tools["create"].id_prefix}-1', first['id'])
+  second, _ = call('create', **valid_record(tools['create'], rng))
+  assert second['id'] != first['id']
+  assert call('get', id=first['id']) == (first, None)
+  field = next(iter(valid_record(tools['create'], rng)))
+  changed, error = call('update', id=first['id'], **{field: valid_record(tools['create'], rng)[field]})
+  assert error is None and call('get', id=first['id'])[0] == changed
+  listed, _ = call('list')
+  assert listed == {'count': 2, 'items': [changed, second]} and call('list', limit=1)[0]['items'] == [changed]
+  assert call('delete', id=first['id']) == ({'deleted': first['id']}, None)
+  missing = call('get', id=first['id'])
+  assert missing[1] == 'tool_error' and missing[0].startswith('error: not found')
+  assert call('update', id=first['id'], **{field: changed[field]})[1] == 'tool_error'
+  before = json.dumps(simulator.store, sort_keys=True)
+  assert call('update', id=second['id'])[1] == 'invalid_arguments'  # nothing to change (minProperties)
+  assert call('get', id='nope')[1] == 'invalid_arguments'  # not an id of this collection (pattern)
+  assert call('create', unknown_field=1)[1] == 'invalid_arguments'
+  assert simulator(ToolCall('no_such_tool', {}))[1] == 'unknown_tool'
+  assert json.dumps(simulator.store, sort_keys=True) == before  # rejected calls change nothing
+
+
+def test_tool_simulator_transient_failures():
+  domain = synth.evolve_domains(0)[0]
+  create = next(t for t in domain.tools if t.operation == 'create')
+  rng = random.Random(0)
+
+  def results(seed):
+    simulator = synth.ToolSimulator(domain.tools, seed=seed, failure_rate=0.25)
+    out = [simulator(ToolCall(create.name, valid_record(create, rng))) for _ in range(400)]
+    return out, simulator
+
+  out, simulator = results(seed=3)
+  failed = [r for r in out if r == (gym.TRANSIENT_ERROR, 'transient')]
+  assert 0.18 < len(failed) / len(out) < 0.32
+  assert all(error is None for text, error in out if text != gym.TRANSIENT_ERROR)
+  assert len(simulator.store[create.collection]) == len(out) - len(failed)  # failures stored nothing
+  assert [r[1] for r in results(seed=3)[0]] == [r[1] for r in out] != [r[1] for r in results(seed=4)[0]]
+  with pytest.raises(ValueError, match='failure_rate'):
+    synth.ToolSimulator(domain.tools, failure_rate=-0.1)
