@@ -6,12 +6,14 @@ fails; controlled transient tool failures the expert recovers from; tool specs l
 import dataclasses
 import http.server
 import json
+import os
 import random
 import re
+import subprocess
+import sys
 import threading
 import time
 
-import jsonschema
 import pytest
 
 from k2 import gym, synth
@@ -539,3 +541,58 @@ def test_tool_simulator_transient_failures():
   assert [r[1] for r in results(seed=3)[0]] == [r[1] for r in out] != [r[1] for r in results(seed=4)[0]]
   with pytest.raises(ValueError, match='failure_rate'):
     synth.ToolSimulator(domain.tools, failure_rate=-0.1)
+
+
+def test_tools_step(tmp_path):
+  specs = write(tmp_path / 'mcp.json', {'tools': [{'name': 'get_weather', 'inputSchema': WEATHER}]})
+  config = dataclasses.replace(SMALL, tool_specs=(str(specs),), evolved_domains_per_category=1)
+  summary = synth.run(tmp_path / 'run', config)
+  catalog = synth.read_jsonl(tmp_path / 'run' / 'tools' / 'tools-00000.jsonl')
+  evolved = [t for d in synth.evolve_domains(SMALL.seed, 1) for t in d.tools]
+  assert summary['tools'] == len(catalog) == 1 + len(evolved) and summary['accepted'] == 16
+  assert catalog[0] == {'source': str(specs), 'category': None, 'domain': None, 'operation': None,
+                        'spec': synth.load_tool_specs(specs)[0]}
+  assert [r['spec'] for r in catalog[1:]] == [t.spec for t in evolved]
+  assert synth.run(tmp_path / 'run', config, on_shard=lambda *_: pytest.fail('rewrote a shard')) == summary
+  with pytest.raises(ValueError, match="bad.json: tool 'x'"):
+    dataclasses.replace(SMALL, tool_specs=(str(write(tmp_path / 'bad.json', [{'name': 'x', 'parameters': {}}])),))
+
+
+def launch(*args, timeout=60):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, '-m', 'experiments.synth', *args], cwd=root, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--judge=llm'], 'error: --backend openai and --judge with llm need --base_url and --model'),
+    (['--backend=sampler'], 'error: flag --backend=sampler: value should be one of <expert|openai>'),
+    (['--failure_rate=1.5'], 'error: failure_rate must be in [0, 1), got 1.5'),
+    (['--tool_specs=/nonexistent.json'], 'error: /nonexistent.json: cannot read: No such file or directory')])
+def test_launcher_bad_flags(tmp_path, args, message):
+  done = launch(f'--out={tmp_path}', *args)
+  assert done.returncode != 0 and done.stderr.strip() == message
+
+
+def test_launcher_over_http(serve, tmp_path):
+  """--backend openai --judge programmatic+llm --failure_rate: a subprocess against the fake server, which plays
+  the expert for the agent's requests and passes everything as the judge."""
+  config = synth.SynthConfig(tasks_per_domain=2, domains=('retail', 'files'))
+  by_request = {task.instruction: task for task in all_tasks(config)}
+
+  def reply(request):
+    messages = [Message.from_dict(m) for m in request['messages']]
+    if messages[0].content == synth.RUBRIC:
+      return ok('{"pass": true, "reasons": []}')
+    return 200, completion(synth.message_dict(synth.VariedExpertAgent(by_request[messages[1].content])(messages))), 0
+  server = serve(reply)
+  done = launch(f'--out={tmp_path}', '--tasks_per_domain=2', '--domains=retail,files', '--backend=openai',
+                f'--base_url={server.url}', '--model=fake-model', '--judge=programmatic+llm', '--failure_rate=0.3',
+                '--max_retries=0', '--timeout_s=5')
+  assert done.returncode == 0, done.stderr
+  summary = json.loads(done.stdout)
+  assert summary['trajectories'] == 4 and summary['accepted'] + summary['rejected'] == 4
+  judge_requests = [r for r in server.requests if r['messages'][0]['content'] == synth.RUBRIC]
+  assert 1 <= len(judge_requests) == summary['accepted']  # the LLM judge saw what the programmatic one passed
+  config = json.loads((tmp_path / 'manifest.json').read_text())['config']
+  assert config['judge'] == 'programmatic+llm:openai:fake-model@T=0.0' and config['failure_rate'] == 0.3

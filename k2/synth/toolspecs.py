@@ -70,6 +70,8 @@ def load_tool_specs(path: str | os.PathLike) -> list[dict[str, Any]]:
   try:
     with open(path, encoding='utf-8') as f:
       data = json.load(f)
+  except OSError as e:
+    raise ValueError(f'{path}: cannot read: {e.strerror}') from None
   except ValueError as e:
     raise ValueError(f'{path}: not JSON: {e}') from None
   items = data.get('tools') if isinstance(data, Mapping) else data
