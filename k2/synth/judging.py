@@ -71,7 +71,7 @@ def judge(task: Task, episode: Episode) -> Verdict:
   return Verdict(not reasons, tuple(reasons))
 
 
-judge.name = 'programmatic'  # type: ignore[attr-defined]
+judge.name = 'programmatic'  # what runs record (every Judge has a name)
 
 
 class Judge(Protocol):
@@ -81,21 +81,29 @@ class Judge(Protocol):
   def __call__(self, task: Task, episode: Episode) -> Verdict: ...
 
 
-def all_of(*judges: Judge) -> Judge:
-  """A judge accepting what every one of `judges` accepts, asked in order; the first rejection is the verdict (a
-  trajectory the programmatic judge rejects costs no LLM call when it comes first)."""
-  if not judges:
-    raise ValueError('all_of needs at least one judge')
+@dataclasses.dataclass(frozen=True)
+class AllOf:
+  """The judge all_of(*judges) makes."""
+  judges: tuple[Judge, ...]
 
-  def combined(task: Task, episode: Episode) -> Verdict:
-    for one in judges:
+  @property
+  def name(self) -> str:
+    return '+'.join(one.name for one in self.judges)
+
+  def __call__(self, task: Task, episode: Episode) -> Verdict:
+    for one in self.judges:
       verdict = one(task, episode)
       if not verdict.accepted:
         return verdict
     return Verdict(True)
 
-  combined.name = '+'.join(one.name for one in judges)  # type: ignore[attr-defined]
-  return combined  # type: ignore[return-value]
+
+def all_of(*judges: Judge) -> AllOf:
+  """A judge accepting what every one of `judges` accepts, asked in order; the first rejection is the verdict (a
+  trajectory the programmatic judge rejects costs no LLM call when it comes first)."""
+  if not judges:
+    raise ValueError('all_of needs at least one judge')
+  return AllOf(judges)
 
 
 RUBRIC = """You grade one conversation between a customer-service agent (the assistant) and a user, in which the
