@@ -223,6 +223,21 @@ def test_llm_judge_verdicts(serve, answer, accepted, reason):
   assert both(task, episode) == result
 
 
+def test_task_rubric_and_transcript():
+  for name in sorted(gym.domains.DOMAINS):
+    for task in gym.domains.get(name).sample_tasks(12, 0, 'train'):
+      rubric = synth.task_rubric(task)
+      assert rubric.startswith(f'User goal: {task.instruction}\n')
+      assert all(f'Checkpoint: the agent tells the user {fact}.' in rubric for fact in task.required_facts)
+      assert ('refuse the request' in rubric) == (task.kind == 'refuse')
+      assert all(f'never calls {c.name}({c.arguments_text()})' in rubric for c in task.forbidden_actions[:1])
+      assert 'Expected tool calls, in order: ' + ('; '.join(
+          f'{c.name}({c.arguments_text()})' for c in task.gold_actions) or 'none') in rubric
+  messages = [Message('user', 'hi'), Message('assistant', 'ok', tool_calls=(ToolCall('f', {'a': 1}),)),
+              Message('tool', '{"b": 2}')]
+  assert synth.transcript(messages) == '[user] hi\n[assistant] ok\n[assistant calls] f({"a": 1})\n[tool] {"b": 2}'
+
+
 def test_all_of_short_circuits_on_the_programmatic_judge(serve):
   server = serve(lambda request: ok('{"pass": true}'))
   task = gym.domains.get('calendar').sample_tasks(1, 0, 'train')[0]
