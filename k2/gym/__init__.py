@@ -13,11 +13,12 @@ database, tools over it, a policy, tasks with a hidden user goal and gold action
 """
 
 from k2.gym import domains
-from k2.gym.env import (KINDS, SPLITS, Agent, Domain, Episode, Fact, StepResult, Task, Tool, ToolEnv, execute,
-                        fact_told, gold_state, is_refusal, make_tool, run_episode)
+from k2.gym.env import (KINDS, SPLITS, TRANSIENT_ERROR, Agent, Domain, Episode, Fact, StepResult, Task, Tool, ToolEnv,
+                        execute, fact_told, gold_state, is_refusal, make_tool, run_episode)
 from k2.gym.expert import ExpertAgent, expert_messages
-from k2.gym.user import STOP, ScriptedUser, UserSimulator, UserTurn
+from k2.gym.user import STOP, BackendUser, Completer, ScriptedUser, UserSimulator, UserTurn, backend_user_factory
 
-__all__ = ['KINDS', 'SPLITS', 'STOP', 'Agent', 'Domain', 'Episode', 'ExpertAgent', 'Fact', 'ScriptedUser',
-           'StepResult', 'Task', 'Tool', 'ToolEnv', 'UserSimulator', 'UserTurn', 'domains', 'execute',
-           'expert_messages', 'fact_told', 'gold_state', 'is_refusal', 'make_tool', 'run_episode']
+__all__ = ['KINDS', 'SPLITS', 'STOP', 'TRANSIENT_ERROR', 'Agent', 'BackendUser', 'Completer', 'Domain', 'Episode',
+           'ExpertAgent', 'Fact', 'ScriptedUser', 'StepResult', 'Task', 'Tool', 'ToolEnv', 'UserSimulator',
+           'UserTurn', 'backend_user_factory', 'domains', 'execute', 'expert_messages', 'fact_told', 'gold_state',
+           'is_refusal', 'make_tool', 'run_episode']

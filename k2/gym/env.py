@@ -10,6 +10,9 @@ message); one without calls goes to the simulated user (k2.gym.user), whose repl
 writes makes `step` raise: unparsable calls, unknown tools and arguments that fail the tool's JSON schema come back
 as error results and are counted in `info`; the user's turns and the agent's turns are both capped. At the end
 `info` also holds success, state_match, facts_told and gold_calls_matched (of gold_calls: argument exact match).
+Controlled failures: with `failure_rate` > 0 a seeded share of tool calls answers TRANSIENT_ERROR without running
+(the database is untouched; counted in info['transient_errors'], not as tool errors or as calls made), so an agent
+has to retry them; the draws are a pure function of (task, seed).
 
 Success (tau-bench's rule, checked on state, not on the words): the final database equals the one the task's gold
 actions produce, every required fact was told to the user in an assistant message, on an 'ask' task the user was
@@ -32,6 +35,7 @@ import jsonschema
 
 from k2.chat import Message, ToolCall, declaration, parse_tool_calls, run_call
 
+TRANSIENT_ERROR = 'error: service unavailable, retry'  # a controlled failure's result (ToolEnv.failure_rate)
 KINDS = ('act', 'ask', 'refuse')  # do it; ask the user for what the request left out, then do it; refuse it
 SPLITS = ('train', 'heldout')
 
@@ -267,11 +271,15 @@ class StepResult:
 class ToolEnv:
   """One episode at a time over one domain (see the module docstring). `user_factory(task, seed)` makes the
   simulated user (default: k2.gym.user.ScriptedUser); `max_user_turns` caps the user's replies whatever the
-  simulator does; `max_assistant_turns` caps the agent's messages (a model that only calls tools)."""
+  simulator does; `max_assistant_turns` caps the agent's messages (a model that only calls tools); `failure_rate`
+  is the share of tool calls that fail transiently (see the module docstring)."""
 
   def __init__(self, domain: Domain, user_factory: Callable[[Task, int], Any] | None = None,
-               max_user_turns: int = 8, max_assistant_turns: int = 24):
+               max_user_turns: int = 8, max_assistant_turns: int = 24, failure_rate: float = 0.0):
     from k2.gym.user import ScriptedUser  # user.py imports this module's helpers
+    if not 0.0 <= failure_rate < 1.0:
+      raise ValueError(f'failure_rate must be in [0, 1), got {failure_rate}')
+    self.failure_rate = failure_rate
     self.domain = domain
     self.user_factory = user_factory or ScriptedUser
     self.max_user_turns = max_user_turns
@@ -289,12 +297,13 @@ class ToolEnv:
     self.tools = self.domain.tools(self.db)
     self.gold_db = gold_state(self.domain, task)
     self.user = self.user_factory(task, seed)
+    self.failures = random.Random(f'{task.task_id}/failures/{seed}')
     self.done = False
     self.reward = 0.0
     self.info: dict[str, Any] = dict(
         assistant_turns=0, user_turns=0, tool_calls=0, tool_errors=0, unknown_tools=0, invalid_arguments=0,
-        malformed_outputs=0, revealed=[], refused=False, acted_before_asking=False, truncated=False)
-    self.calls: list[ToolCall] = []  # every call the agent made, for argument exact match
+        transient_errors=0, malformed_outputs=0, revealed=[], refused=False, acted_before_asking=False, truncated=False)
+    self.calls: list[ToolCall] = []  # every call that ran (not failed transiently), for argument exact match
     self.messages = [Message('system', self.domain.system_prompt()), Message('user', self.user.first_message())]
     return list(self.messages)
 
@@ -315,9 +324,10 @@ class ToolEnv:
               and len(self._told()) == len(self.task.required_facts))
     return self.goal_met()
 
-  def abort(self, error: str) -> StepResult:
-    """Ends the episode now (the agent's backend failed: a timeout, a 5xx); it is scored as it stands."""
-    self.info['agent_error'] = error
+  def abort(self, error: str, key: str = 'agent_error') -> StepResult:
+    """Ends the episode now, scored as it stands, with `error` in info[key]: 'agent_error' when the agent's backend
+    failed (a timeout, a 5xx), 'user_error' when the user simulator's did."""
+    self.info[key] = error
     return self._finish([], truncated=True)
 
   def _finish(self, messages: list[Message], truncated: bool = False) -> StepResult:
@@ -355,9 +365,13 @@ class ToolEnv:
       guessing = not set(self.task.withheld) <= set(self.info['revealed'])
       before = copy.deepcopy(self.db) if guessing else None
       for call in assistant.tool_calls:
+        self.info['tool_calls'] += 1
+        if self.failure_rate and self.failures.random() < self.failure_rate:
+          self.info['transient_errors'] += 1
+          out.append(Message('tool', TRANSIENT_ERROR, tool_call_id=call.id))
+          continue
         self.calls.append(call)
         result, error = execute(call, self.tools)
-        self.info['tool_calls'] += 1
         if error is not None:
           self.info['tool_errors'] += 1
           if error != 'tool_error':
@@ -369,7 +383,10 @@ class ToolEnv:
       # Nothing to answer with a tool message: say what could not be read, and let the agent try again.
       out.append(Message('system', 'error: the tool calls could not be parsed: ' + '; '.join(parse_errors)))
     else:
-      reply = self.user.respond(assistant.content, self.goal_met())
+      try:
+        reply = self.user.respond(assistant.content, self.goal_met())
+      except Exception as e:  # noqa: BLE001 (an LLM user's failing backend must not stop a run either)
+        return self.abort(f'{type(e).__name__}: {e}', key='user_error')
       self.info['user_turns'] += 1
       self.info['revealed'] = sorted(set(self.info['revealed']) | set(reply.revealed))
       out.append(Message('user', reply.content))

@@ -4,17 +4,21 @@ A user opens with the task's request, then answers each assistant message that c
 scripted user (K2 report 3.1.1: personas, facts revealed only when asked, an end to the conversation) tells a fact
 only when the assistant's message mentions one of that fact's keywords, ends the conversation when the goal is met
 or the assistant clearly refuses, says yes when asked to confirm, nudges otherwise, and gives up after `max_turns`
-replies. An LLM-backed user
-implements the same two methods (it may ignore `goal_met` and judge from the text).
+replies. The LLM-backed user (`BackendUser`) implements the same two methods through a backend's
+`complete(messages) -> Message` (k2.synth.backends.OpenAIBackend): its system prompt holds the persona, the hidden
+goal and the facts to tell only when asked; it judges from the text (ignoring `goal_met`) and ends with STOP.
+Whatever a user simulator does, ToolEnv caps its turns.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
 
-from k2.gym.env import Task, is_refusal
+from k2.chat import Message
+from k2.gym.env import Task, fact_told, is_refusal
 
 STOP = '###STOP###'  # tau-bench's end-of-conversation marker, kept in the user's last message
 
@@ -82,3 +86,62 @@ class ScriptedUser:
     if any(cue in text for cue in CONFIRMATION_CUES):
       return UserTurn(self.confirm)
     return UserTurn(self.nudge)
+
+
+STYLES = {'polite': 'polite and patient', 'terse': 'terse: as few words as possible',
+          'chatty': 'chatty and friendly, a little rambling', 'impatient': 'impatient and a bit curt'}
+USER_PROMPT = """You play a customer writing to a support assistant that can use tools. Stay in character: {style}.
+Your goal, which the assistant only knows from what you write: {goal}
+Facts you know. Tell one only when the assistant asks for it, never before, and never make up others:
+{facts}
+Write only your next message, one or two sentences. When your goal is met, or the assistant refuses or cannot
+help, say goodbye and end that message with {stop}."""
+
+
+class Completer(Protocol):
+  """A backend that answers one chat completion: what model-played roles (BackendUser, k2.synth's LLM judge) need
+  of it (k2.synth.backends.OpenAIBackend has it)."""
+  name: str
+
+  def complete(self, messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | None = None) -> Message: ...
+
+
+class BackendUser:
+  """A user simulator played by `backend`'s model (see the module docstring). The model writes the user's side, so
+  roles swap in its conversation: the assistant's messages are its 'user' turns. A fact counts as revealed when
+  the assistant asked for it (one of its keywords, as for ScriptedUser) or the reply states its value; the
+  conversation ends when a reply holds STOP. A failing backend raises (ToolEnv ends the episode with
+  info['user_error'])."""
+
+  def __init__(self, backend: Completer, task: Task, seed: int = 0):
+    del seed  # the backend samples; its own seed, if any, is its business
+    self.backend = backend
+    self.task = task
+    facts = '\n'.join(f'- {fact.name}: {fact.value}' for fact in task.facts) or '- (none)'
+    prompt = USER_PROMPT.format(style=STYLES.get(task.persona, task.persona), goal=task.instruction, facts=facts,
+                                stop=STOP)
+    self.history = [Message('system', prompt), Message('user', 'Hello, how can I help you today?'),
+                    Message('assistant', task.instruction)]
+    self.revealed: set[str] = set()
+
+  def first_message(self) -> str:
+    return self.task.instruction
+
+  def respond(self, assistant_text: str, goal_met: bool) -> UserTurn:
+    del goal_met  # judged from the text, as a real user would
+    self.history.append(Message('user', assistant_text))
+    reply = self.backend.complete(self.history).content.strip()
+    self.history.append(Message('assistant', reply))
+    asked = assistant_text.lower()
+    told = tuple(fact.name for fact in self.task.facts if fact.name not in self.revealed and (
+        any(word in asked for word in fact.keywords) or fact_told(fact.value, reply)))
+    self.revealed.update(told)
+    return UserTurn(reply, done=STOP in reply, revealed=told)
+
+
+def backend_user_factory(backend: Completer) -> Callable[[Task, int], BackendUser]:
+  """ToolEnv's user_factory (task, seed) -> BackendUser over `backend`, named after it for a run's config."""
+  def factory(task: Task, seed: int = 0) -> BackendUser:
+    return BackendUser(backend, task, seed)
+  factory.__name__ = f'llm_user:{backend.name}'
+  return factory

@@ -5,17 +5,22 @@
     # /tmp/synth/judged/accepted-*.jsonl: conversations for k2.data.conversations.read (the SFT stage)
 
 `pipeline` (the steps and the run), `shards` (atomic JSONL shards and the manifest that makes a run resumable),
-`backends` (the agent interface: the scripted expert, and where an HTTP client or our sampler plug in), `judge`
-(programmatic state and rubric checks; accepted trajectories as SFT conversations). The tasks, tools, user
-simulator and reward come from k2.gym. Launcher: experiments/synth.py.
+`backends` (the agent interface: the scripted expert, an OpenAI-compatible HTTP client, our model via the sampler), `judging`
+(programmatic state and rubric checks, an LLM judge, ANDing them; accepted trajectories as SFT conversations),
+`toolspecs` (real tool specs loaded and checked, synthetic ones evolved, and their simulator). The tasks, tools,
+user simulators and reward come from k2.gym. Launcher: experiments/synth.py.
 """
 
-from k2.synth.backends import (Backend, Completion, ContextOverflow, ExpertBackend, ModelBackend, VariedExpertAgent,
-                               varied_expert_messages)
-from k2.synth.judging import Verdict, conversation, judge, message_dict
+from k2.synth.backends import (Backend, Completion, ContextOverflow, ExpertBackend, ModelBackend, OpenAIBackend,
+                               VariedExpertAgent, varied_expert_messages)
+from k2.synth.judging import (RUBRIC, Judge, LLMJudge, Verdict, all_of, conversation, judge, message_dict,
+                              parse_verdict, task_rubric, transcript)
 from k2.synth.pipeline import STEPS, SynthConfig, play, run, summary
 from k2.synth.shards import Manifest, read_jsonl, write_atomic, write_jsonl
+from k2.synth.toolspecs import SyntheticDomain, SyntheticTool, ToolSimulator, evolve_domains, load_tool_specs
 
-__all__ = ['STEPS', 'Backend', 'Completion', 'ContextOverflow', 'ExpertBackend', 'ModelBackend', 'Manifest', 'SynthConfig', 'VariedExpertAgent', 'Verdict',
-           'conversation', 'judge', 'message_dict', 'play', 'read_jsonl', 'run', 'summary', 'varied_expert_messages',
+__all__ = ['RUBRIC', 'STEPS', 'Backend', 'Completion', 'ContextOverflow', 'ExpertBackend', 'Judge', 'LLMJudge', 'Manifest', 'ModelBackend', 'OpenAIBackend',
+           'SynthConfig', 'SyntheticDomain', 'SyntheticTool', 'ToolSimulator', 'VariedExpertAgent', 'Verdict',
+           'all_of', 'conversation', 'evolve_domains', 'judge', 'load_tool_specs', 'message_dict', 'parse_verdict',
+           'play', 'read_jsonl', 'run', 'summary', 'task_rubric', 'transcript', 'varied_expert_messages',
            'write_atomic', 'write_jsonl']
