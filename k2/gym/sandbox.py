@@ -75,12 +75,12 @@ def run(code: str, timeout_s: float = 2.0, memory_mb: int = 256, stdin: str = ''
   """Runs the Python source `code` (stdlib only: isolated mode, no site-packages) in the sandbox."""
   if timeout_s <= 0 or memory_mb <= 0 or max_processes <= 0:
     raise ValueError(f'timeout_s={timeout_s}, memory_mb={memory_mb}, max_processes={max_processes} must be > 0')
-  isolated = _can_isolate()
   with tempfile.TemporaryDirectory(prefix='k2_sandbox_') as scratch:
     paths = {name: os.path.join(scratch, name) for name in ('spec', 'stdin', 'stdout', 'stderr', 'report')}
-    spec = dict(code=code, isolated=isolated, uid=1_000_000 + secrets.randbelow(1_000_000), cpu_s=int(timeout_s) + 1,
-                memory_bytes=memory_mb << 20, max_processes=max_processes, max_file_bytes=max_file_bytes,
-                python=os.path.realpath(sys._base_executable), prefix=os.path.realpath(sys.base_prefix))
+    spec = dict(code=code, isolated=isolated(), uid=1_000_000 + secrets.randbelow(1_000_000),
+                cpu_s=int(timeout_s) + 1, memory_bytes=memory_mb << 20, max_processes=max_processes,
+                max_file_bytes=max_file_bytes, python=os.path.realpath(sys._base_executable),
+                prefix=os.path.realpath(sys.base_prefix))
     for name, text in (('spec', json.dumps(spec)), ('stdin', stdin)):
       with open(paths[name], 'w') as f:
         f.write(text)
@@ -94,11 +94,10 @@ def run(code: str, timeout_s: float = 2.0, memory_mb: int = 256, stdin: str = ''
         returncode, timed_out = proc.wait(timeout=timeout_s), False
       except subprocess.TimeoutExpired:
         proc.terminate()  # the launcher kills the program and returns once its PID namespace is empty
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
           proc.wait(timeout=5)
-        finally:
-          with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the rest of the group (all there is without namespaces)
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(proc.pid, signal.SIGKILL)  # the rest of the group (all there is without namespaces)
         returncode, timed_out = proc.wait(), True
       wall_s = time.monotonic() - start
     out = {name: _read(paths[name], max_output) for name in ('stdout', 'stderr', 'report')}
@@ -108,8 +107,9 @@ def run(code: str, timeout_s: float = 2.0, memory_mb: int = 256, stdin: str = ''
 
 
 @functools.cache
-def _can_isolate() -> bool:
-  """Root with namespaces allowed (a container may deny them to root); otherwise one warning line says so."""
+def isolated() -> bool:
+  """Whether runs here get the namespaces and the uid drop: root, with namespaces allowed (a container may deny
+  them to root). Otherwise one warning line says so, once."""
   probe = 'import os; os.unshare(os.CLONE_NEWNET | os.CLONE_NEWNS | os.CLONE_NEWPID)'
   if os.geteuid() == 0 and subprocess.run([sys._base_executable, '-I', '-S', '-c', probe],
                                           capture_output=True).returncode == 0:
