@@ -82,7 +82,7 @@ def test_write_outside_the_temp_dir_is_denied(path):
 
 @needs_root
 def test_reading_a_root_only_file_is_denied():
-  directory = tempfile.mkdtemp(dir='/var/tmp')  # /var/tmp stays visible inside (/tmp is private there)
+  directory = tempfile.mkdtemp(dir=os.path.dirname(__file__))  # visible inside (/tmp and /var/tmp are private there)
   try:
     os.chmod(directory, 0o755)
     secret = os.path.join(directory, 'secret')
@@ -96,15 +96,20 @@ def test_reading_a_root_only_file_is_denied():
 
 
 @needs_root
-def test_runs_unprivileged_with_private_tmp_and_shm():
-  with open('/dev/shm/k2_sandbox_visible', 'w'):
-    pass
+def test_runs_unprivileged_with_private_world_writable_dirs():
+  outside = ['/dev/shm/k2_sandbox_visible', '/var/tmp/k2_sandbox_visible']
+  for path in outside:
+    with open(path, 'w'):
+      pass
   try:
-    result = sandbox.run('import os\nprint(os.getuid(), os.listdir("/dev/shm"), os.listdir("/tmp"), os.getcwd())')
+    result = sandbox.run('import os\nprint(os.getuid(), os.listdir("/dev/shm"), os.listdir("/var/tmp"), '
+                         'os.listdir("/tmp"), os.getcwd())\nopen("/var/tmp/left_behind", "w")')
   finally:
-    os.remove('/dev/shm/k2_sandbox_visible')
+    for path in outside:
+      os.remove(path)
   uid, rest = result.stdout.split(' ', 1)
-  assert int(uid) >= 1_000_000 and rest == "[] ['work'] /tmp/work\n"
+  assert int(uid) >= 1_000_000 and rest == "[] [] ['work'] /tmp/work\n"
+  assert result.status == 'ok' and not os.path.exists('/var/tmp/left_behind')
 
 
 ADD = 'def add(a, b):\n  return a + b\n'

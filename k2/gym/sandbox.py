@@ -5,16 +5,17 @@
     sandbox.run_tests(solution, 'add', cases=[((1, 2), 3)]).passed
 
 Isolation, as root (CI and the device machines run as root): this file, run as a script by the parent in a new
-session, is a launcher that enters new network, mount and PID namespaces and forks the program as PID 1 there. Before
-exec'ing the interpreter the child makes every mount private, mounts fresh tmpfs on /tmp, /dev/shm and /proc, hides
-the (root-only) directory holding the interpreter behind a tmpfs that exposes only the interpreter's prefix, sets
-rlimits (CPU, address space, file size, open files, processes), drops to a fresh unprivileged uid (one per run, so
-concurrent runs never share the process count) with no_new_privs, and runs in /tmp/work. The network namespace has
-only a down loopback, so every connection fails. On the wall timeout the parent asks the launcher to SIGKILL the
-program; when PID 1 of a namespace dies the kernel kills and reaps everything left in it (even processes that left
-the group with setsid) before the launcher's wait returns. The parent then SIGKILLs the launcher's whole process group,
-and the program also dies if the launcher does (parent-death signal). Not root, or namespaces denied (a container): only
-the rlimits and the timeout apply (one warning line says so).
+session, is a launcher that enters new network, mount and PID namespaces and forks the program as PID 1 there.
+Before exec'ing the interpreter the child makes every mount private, mounts a fresh tmpfs on each world-writable
+directory (/tmp, /var/tmp, /dev/shm, /run/lock) and a fresh /proc, hides the root-only directory holding the
+interpreter behind a tmpfs that exposes only the interpreter's prefix, sets rlimits (CPU, address space, file size,
+open files, processes), drops to a fresh unprivileged uid (one per run, so concurrent runs never share the process
+count) with no_new_privs, and runs in /tmp/work. The network namespace has only a down loopback, so every
+connection fails. On the wall timeout the parent asks the launcher to SIGKILL the program; when PID 1 of a namespace
+dies the kernel kills and reaps everything left in it (even processes that left the group with setsid) before the
+launcher's wait returns. The parent then SIGKILLs the launcher's whole process group, and the program also dies if
+the launcher does (parent-death signal). Not root, or namespaces denied (a container): only the rlimits and the
+timeout apply, and one warning line says so (`isolated()`).
 
 Verdicts are computed in the parent: `run_tests` sends the test inputs in, the program reports its outputs on fd 3 as
 lines tagged with a per-run random nonce (read from stdin and closed before the solution runs, so the solution's own
@@ -43,6 +44,7 @@ import tempfile
 import time
 
 STATUSES = ('ok', 'timeout', 'memory', 'error', 'denied')
+_WORLD_WRITABLE = ('/tmp', '/var/tmp', '/dev/shm', '/run/lock')  # each gets a fresh tmpfs inside
 _DENIED = re.compile(r'^(PermissionError|OSError: \[Errno (1|13|30|101)\]|ConnectionRefusedError)')
 
 
@@ -194,12 +196,13 @@ def _libc():
 
 
 def _isolate(spec: dict) -> str:
-  """In the new namespaces, as root: private mounts, fresh /tmp /dev/shm /proc, the interpreter reachable, and the
-  program's directory (returned) owned by its uid."""
+  """In the new namespaces, as root: private mounts, fresh world-writable directories and /proc, the interpreter
+  reachable, and the program's directory (returned) owned by its uid."""
   ms_nosuid, ms_nodev, ms_bind, ms_move, ms_rec, ms_private = 2, 4, 4096, 8192, 16384, 1 << 18
   _mount(None, '/', None, ms_rec | ms_private)
-  for target in ('/tmp', '/dev/shm'):
-    _mount('tmpfs', target, 'tmpfs', ms_nosuid | ms_nodev, 'size=16m,mode=1777')
+  for target in _WORLD_WRITABLE:
+    if os.path.isdir(target):
+      _mount('tmpfs', target, 'tmpfs', ms_nosuid | ms_nodev, 'size=16m,mode=1777')
   _mount('proc', '/proc', 'proc', ms_nosuid | ms_nodev)
   prefix, ancestors = spec['prefix'], []
   path = os.path.dirname(prefix)
