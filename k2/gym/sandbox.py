@@ -5,7 +5,7 @@
     sandbox.run_tests(solution, 'add', cases=[((1, 2), 3)]).passed
 
 Isolation, as root (CI and the device machines run as root): this file, run as a script by the parent in a new
-session, is a launcher that enters new network, mount and PID namespaces and forks the program as PID 1 there.
+session, is a launcher that enters new network, mount, PID and IPC namespaces and forks the program as PID 1 there.
 Before exec'ing the interpreter the child makes every mount private, mounts a fresh tmpfs on each world-writable
 directory (/tmp, /var/tmp, /dev/shm, /run/lock) and a fresh /proc, hides the root-only directory holding the
 interpreter behind a tmpfs that exposes only the interpreter's prefix, sets rlimits (CPU, address space, file size,
@@ -44,6 +44,7 @@ import tempfile
 import time
 
 STATUSES = ('ok', 'timeout', 'memory', 'error', 'denied')
+_NAMESPACES = os.CLONE_NEWNET | os.CLONE_NEWNS | os.CLONE_NEWPID | os.CLONE_NEWIPC
 _WORLD_WRITABLE = ('/tmp', '/var/tmp', '/dev/shm', '/run/lock')  # each gets a fresh tmpfs inside
 _DENIED = re.compile(r'^(PermissionError|OSError: \[Errno (1|13|30|101)\]|ConnectionRefusedError)')
 
@@ -112,7 +113,7 @@ def run(code: str, timeout_s: float = 2.0, memory_mb: int = 256, stdin: str = ''
 def isolated() -> bool:
   """Whether runs here get the namespaces and the uid drop: root, with namespaces allowed (a container may deny
   them to root). Otherwise one warning line says so, once."""
-  probe = 'import os; os.unshare(os.CLONE_NEWNET | os.CLONE_NEWNS | os.CLONE_NEWPID)'
+  probe = f'import os; os.unshare({_NAMESPACES})'
   if os.geteuid() == 0 and subprocess.run([sys._base_executable, '-I', '-S', '-c', probe],
                                           capture_output=True).returncode == 0:
     return True
@@ -230,7 +231,7 @@ def _launch(spec_path: str, report_fd: int) -> None:
     os.dup2(report_fd, 3)
     os.close(report_fd)
   if spec['isolated']:
-    os.unshare(os.CLONE_NEWNET | os.CLONE_NEWNS | os.CLONE_NEWPID)
+    os.unshare(_NAMESPACES)
   pid = os.fork()
   if pid:
     signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
