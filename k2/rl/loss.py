@@ -108,7 +108,7 @@ def k15_loss_fn(model, batch: dict[str, jax.Array], tau: float, loss_chunk: int 
 
   batch: token_logprobs' keys plus 'mask', 'old_logprobs' [P, K, T] and 'rewards' [P, K]; P leads every array.
   loss_sum: the sum of the per-response squared terms; count: the number of responses with at least one loss
-  token. The core divides the summed loss_sum by the summed count once, so the update is k15_loss's mean.
+  token (every real response has one: its closing token). The core divides the summed loss_sum by the summed count once, so the update is k15_loss's mean.
   Accumulation stays exact because the baseline only needs a prompt's own K responses: the core splits the batch
   into micro-batches along the leading axis (rows i, i + accum, ...), which is the prompt axis here, so each
   micro-batch holds whole groups. Batches are padded to a fixed P by whole groups with zero masks and zero rewards:
