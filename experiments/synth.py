@@ -5,6 +5,7 @@
     python -m experiments.synth --out /tmp/k2_synth_http --backend openai --base_url http://localhost:8000/v1 \
         --model k2 --judge programmatic+llm                                        # any OpenAI-compatible endpoint
     python -m experiments.synth --out /tmp/k2_synth_tools --tool_specs mcp_tools.json --evolved_domains 2
+    python -m experiments.synth --out /tmp/k2_synth_evolved --evolved_domains 2 --evolved_tasks_per_domain 100
     python -m experiments.sft ... --gin_bindings="CONVERSATIONS = '/tmp/k2_synth/judged/accepted-*.jsonl'"
 
 Rerunning the same command on the same --out resumes from its last complete shard (k2.synth.shards); another
@@ -46,6 +47,8 @@ _FAILURE_RATE = flags.DEFINE_float('failure_rate', 0.0, 'Share of tool calls fai
 _TOOL_SPECS = flags.DEFINE_list('tool_specs', [], 'JSON tool spec files (OpenAI function specs or MCP tools/list) '
                                 'for the tools step; checked before anything runs.')
 _EVOLVED = flags.DEFINE_integer('evolved_domains', 0, 'Evolved synthetic domains per category for the tools step.')
+_EVOLVED_TASKS = flags.DEFINE_integer('evolved_tasks_per_domain', 0, "'train' tasks per evolved domain, played by "
+                                      'its agent (generated prompt, sampled tools); needs --evolved_domains.')
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -69,7 +72,8 @@ def main(argv):
   try:
     config = synth.SynthConfig(tasks_per_domain=_TASKS.value, shard_size=_SHARD.value, seed=_SEED.value,
                                domains=tuple(_DOMAINS.value), failure_rate=_FAILURE_RATE.value,
-                               tool_specs=tuple(_TOOL_SPECS.value), evolved_domains_per_category=_EVOLVED.value)
+                               tool_specs=tuple(_TOOL_SPECS.value), evolved_domains_per_category=_EVOLVED.value,
+                               evolved_tasks_per_domain=_EVOLVED_TASKS.value)
     endpoint = synth.OpenAIBackend(_BASE_URL.value, _MODEL.value, api_key=_API_KEY.value,
                                    temperature=_TEMPERATURE.value, timeout_s=_TIMEOUT.value,
                                    max_retries=_RETRIES.value) if uses_endpoint else None

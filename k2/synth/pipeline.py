@@ -9,13 +9,16 @@ Steps (each a directory of JSONL shards under `out`, listed in out/manifest.json
                                           `evolved_domains_per_category` evolved domains per category, one record
                                           {source (the file, or 'evolved'), category, domain, operation, spec}
                                           each: the catalog for agents over synthetic tools (ToolSimulator runs
-                                          them); the gym-domain steps below do not read it.
-  tasks/tasks-NNNNN.jsonl                 Task.to_dict() of `tasks_per_domain` 'train' tasks per domain, seeded,
+                                          them).
+  tasks/tasks-NNNNN.jsonl                 Task.to_dict() of `tasks_per_domain` 'train' tasks per gym domain, then
+                                          of `evolved_tasks_per_domain` per evolved domain (its agent: a generated
+                                          system prompt and a sampled subset of its tools; k2.synth.agents), seeded,
                                           domains in order, cut into shards of `shard_size`.
   trajectories/trajectories-NNNNN.jsonl   one episode per task of the same-numbered task shard: the backend's agent
                                           against k2.gym.ToolEnv (with `failure_rate` of transient tool errors)
                                           and the simulated user; {task_id, domain, kind, messages (OpenAI shape),
-                                          reward, info}.
+                                          reward, info}. An evolved domain is rebuilt from (seed,
+                                          evolved_domains_per_category): the catalog's domains, the same agents.
   judged/accepted-NNNNN.jsonl             the passing ones (by the run's judge) as SFT conversations {messages,
                                           tools, task_id, domain, kind} (k2.synth.judging.conversation), and
   judged/rejected-NNNNN.jsonl             the failing ones with their reasons and full messages, for inspection.
@@ -28,11 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from k2 import gym
 from k2.chat import Message
+from k2.synth.agents import evolved_agents
 from k2.synth.backends import Backend, ExpertBackend
 from k2.synth.judging import Judge, conversation, judge, message_dict
 from k2.synth.shards import Manifest, read_jsonl, write_jsonl
@@ -46,7 +50,8 @@ class SynthConfig:
   """tasks_per_domain: 'train' tasks drawn per domain; shard_size: records per shard; seed: for the tasks, the
   expert's wording, the user and the failures; domains: k2.gym domain names; max_user_turns, max_assistant_turns:
   ToolEnv caps; failure_rate: ToolEnv's share of tool calls failing transiently (the expert retries them);
-  tool_specs: JSON spec files, evolved_domains_per_category: evolved domains per category, for the tools step."""
+  tool_specs: JSON spec files, evolved_domains_per_category: evolved domains per category, for the tools step;
+  evolved_tasks_per_domain: 'train' tasks drawn per evolved domain (0: none; needs evolved_domains_per_category)."""
   tasks_per_domain: int = 600
   shard_size: int = 200
   seed: int = 0
@@ -56,6 +61,7 @@ class SynthConfig:
   failure_rate: float = 0.0
   tool_specs: tuple[str, ...] = ()
   evolved_domains_per_category: int = 0
+  evolved_tasks_per_domain: int = 0
 
   def __post_init__(self):
     if self.tasks_per_domain < 1 or self.shard_size < 1:
@@ -68,6 +74,18 @@ class SynthConfig:
       load_tool_specs(path)  # ValueError naming the file and the tool, before any work
     if self.evolved_domains_per_category:
       evolve_domains(self.seed, self.evolved_domains_per_category)  # ValueError if out of range
+    if self.evolved_tasks_per_domain < 0:
+      raise ValueError(f'evolved_tasks_per_domain must be >= 0, got {self.evolved_tasks_per_domain}')
+    if self.evolved_tasks_per_domain and not self.evolved_domains_per_category:
+      raise ValueError('evolved_tasks_per_domain needs evolved_domains_per_category >= 1 (the domains to play)')
+
+  def evolved(self) -> Mapping[str, gym.Domain]:
+    """name -> the evolved domains' agents whose tasks the run plays (none when evolved_tasks_per_domain is 0)."""
+    return evolved_agents(self.seed, self.evolved_domains_per_category) if self.evolved_tasks_per_domain else {}
+
+  def domain(self, name: str) -> gym.Domain:
+    """The domain of a task of this run: an evolved one, or a k2.gym one (KeyError naming the known ones)."""
+    return self.evolved().get(name) or gym.domains.get(name)
 
   def tool_catalog(self) -> list[dict[str, Any]]:
     """The tools step's records (see the module docstring), loaded files first."""
@@ -85,14 +103,16 @@ def _shard_name(prefix: str, index: int) -> str:
 
 
 def _all_tasks(config: SynthConfig) -> list[gym.Task]:
-  return [task for name in config.domains
-          for task in gym.domains.get(name).sample_tasks(config.tasks_per_domain, config.seed, 'train')]
+  return ([task for name in config.domains
+           for task in gym.domains.get(name).sample_tasks(config.tasks_per_domain, config.seed, 'train')]
+          + [task for domain in config.evolved().values()
+             for task in domain.sample_tasks(config.evolved_tasks_per_domain, config.seed, 'train')])
 
 
 def play(task: gym.Task, backend: Backend, config: SynthConfig,
          user_factory: Callable[[gym.Task, int], Any] | None = None) -> gym.Episode:
   """One episode of `task` with the backend's agent; never raises for anything the agent or the user does."""
-  domain = gym.domains.get(task.domain)
+  domain = config.domain(task.domain)
   env = gym.ToolEnv(domain, user_factory=user_factory, max_user_turns=config.max_user_turns,
                     max_assistant_turns=config.max_assistant_turns, failure_rate=config.failure_rate)
   return gym.run_episode(env, backend.agent(task, domain.tool_specs(), config.seed), task, seed=config.seed)
@@ -116,7 +136,7 @@ def run(out: str | pathlib.Path, config: SynthConfig, backend: Backend | None = 
   user = 'scripted' if user_factory is None else getattr(user_factory, '__name__', type(user_factory).__name__)
   manifest = Manifest.open(out, dict(dataclasses.asdict(config), backend=backend.name, user=user, judge=judge.name))
   tasks = _all_tasks(config)
-  tools = {name: gym.domains.get(name).tool_specs() for name in config.domains}
+  tools = {name: config.domain(name).tool_specs() for name in (*config.domains, *config.evolved())}
 
   def tool_shard(index: int) -> list[dict[str, Any]]:
     return [write_jsonl(out / 'tools' / _shard_name('tools', index), config.tool_catalog())]

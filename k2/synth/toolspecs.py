@@ -206,15 +206,23 @@ def evolve_domains(seed: int, domains_per_category: int = 2) -> list[SyntheticDo
 
 class ToolSimulator:
   """One episode's backend for synthetic tools (see the module docstring): `simulator(call)` -> (result text, error
-  kind or None), error kinds as k2.gym.execute's plus 'transient'. `store[collection][id]` holds the records."""
+  kind or None), error kinds as k2.gym.execute's plus 'transient'. `store[collection][id]` holds the records and
+  `last_id[collection]` the number of the newest id issued (a create makes `<id_prefix>-<last_id + 1>`); both live
+  in `db` ({'records': store, 'last_id': ...}, filled in where missing), which the tools change in place, so a
+  k2.gym episode database can hold them (k2.synth.agents) and its final state be compared with the gold one."""
 
-  def __init__(self, tools: Sequence[SyntheticTool], seed: int = 0, failure_rate: float = 0.0):
+  def __init__(self, tools: Sequence[SyntheticTool], seed: int = 0, failure_rate: float = 0.0,
+               db: dict[str, Any] | None = None):
     if not 0.0 <= failure_rate < 1.0:
       raise ValueError(f'failure_rate must be in [0, 1), got {failure_rate}')
     self.failure_rate = failure_rate
     self.failures = random.Random(f'toolsim/failures/{seed}')
-    self.store: dict[str, dict[str, dict[str, Any]]] = {tool.collection: {} for tool in tools}
-    self.created = dict.fromkeys(self.store, 0)
+    db = {} if db is None else db
+    self.store: dict[str, dict[str, dict[str, Any]]] = db.setdefault('records', {})
+    self.last_id: dict[str, int] = db.setdefault('last_id', {})
+    for tool in tools:
+      self.store.setdefault(tool.collection, {})
+      self.last_id.setdefault(tool.collection, 0)
     self.tools = {tool.name: Tool(fn=self._function(tool), spec=tool.spec) for tool in tools}
 
   def __call__(self, call: ToolCall) -> tuple[str, str | None]:
@@ -230,8 +238,8 @@ class ToolSimulator:
   def _run(self, tool: SyntheticTool, arguments: dict[str, Any]) -> Any:
     records = self.store[tool.collection]
     if tool.operation == 'create':
-      self.created[tool.collection] += 1
-      record = {'id': f'{tool.id_prefix}-{self.created[tool.collection]}'} | arguments
+      self.last_id[tool.collection] += 1
+      record = {'id': f'{tool.id_prefix}-{self.last_id[tool.collection]}'} | arguments
       records[record['id']] = record
       return record
     if tool.operation == 'list':
