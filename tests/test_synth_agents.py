@@ -12,8 +12,9 @@ import sys
 
 import pytest
 
-from k2 import gym, synth
+from k2 import chat, gym, synth
 from k2.chat import Message
+from k2.data import conversations
 from k2.synth import agents
 
 AGENTS = agents.evolved_agents(0, 2)
@@ -106,7 +107,7 @@ def other_value(domain, task, call):
     arguments['id'] = next(i for i in ids if i != call.arguments['id'])
   else:
     entry = next(e for e in domain.collections.values() if call.name in e['ops'].values())
-    arguments[key] = domain._new_value(random.Random(0), entry, key, arguments[key], task.split)
+    arguments[key] = agents.draw_other(random.Random(0), key, entry['fields'][key], arguments[key], task.split)
   return dataclasses.replace(call, arguments=arguments)
 
 
@@ -138,8 +139,8 @@ def test_judge_rejects_planted_bad_trajectories(name):
       if task_type(task) == 'L2-ask-field':
         assert has_reason(result, 'changed the database before asking'), task.task_id
     if task.kind == 'refuse':  # doing what the policy forbids, or not saying no
-      plan = [Message('assistant', tool_calls=task.gold_actions + task.forbidden_actions), Message('assistant', 'Done.')]
-      result = verdict(task, replay(plan))
+      forbidden = Message('assistant', tool_calls=task.gold_actions + task.forbidden_actions)
+      result = verdict(task, replay([forbidden, Message('assistant', 'Done.')]))
       assert has_reason(result, 'did not refuse') and has_reason(result, 'gold state'), task.task_id
       plan = [Message('assistant', tool_calls=task.gold_actions), Message('assistant', 'Let me know what else.')]
       assert has_reason(verdict(task, replay(plan)), 'did not refuse'), task.task_id
@@ -219,6 +220,9 @@ def test_pipeline_plays_evolved_tasks_and_resumes(tmp_path):
     if record['domain'] in evolved:
       assert record['messages'][0]['content'] == domain.policy
   assert sum(r['domain'] in evolved for r in records) == 3 * len(evolved)
+  for conv in conversations.read(str(tmp_path / 'a' / 'judged' / 'accepted-*.jsonl')):  # SFT data, K2's format
+    calls = sum(len(m.tool_calls) for m in conv['messages'])
+    assert chat.render_text(conv['messages'], tools=conv['tools']).count('## Return of functions.') == calls
   default = synth.SynthConfig()
   assert default.evolved_tasks_per_domain == 0 and default.evolved() == {}
 
@@ -237,8 +241,8 @@ def test_launcher_bad_evolved_flags(tmp_path):
                          'error: evolved_tasks_per_domain must be >= 0, got -2'),
                         (['--evolved_tasks_per_domain=5'], 'error: evolved_tasks_per_domain needs '
                          'evolved_domains_per_category >= 1 (the domains to play)'),
-                        (['--evolved_tasks_per_domain=many'],
-                         "error: flag --evolved_tasks_per_domain=many: invalid literal for int() with base 10: 'many'")]:
+                        (['--evolved_tasks_per_domain=many'], 'error: flag --evolved_tasks_per_domain=many: '
+                         "invalid literal for int() with base 10: 'many'")]:
     done = subprocess.run([sys.executable, '-m', 'experiments.synth', f'--out={tmp_path}', *args], cwd=root,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and done.stderr.strip() == message, done.stderr

@@ -10,8 +10,8 @@ simple to complex, each with a rubric, played and judged like the hand-written g
 The agent (`AgentDomain`): its tools are every create and get tool of the domain and each update, list and delete
 tool with probability TOOL_KEEP (drawn per (seed, domain)); its policy (the system prompt) names a drawn company,
 the records it keeps and shuffled rules: records marked "protected" are never changed or deleted, missing values
-and ids are asked for, never guessed, a record described without its id is found with the search tool, and a
-changed record's id is told. The episode database is {'records': {entity: {id: record}}, 'last_id': {entity: n}}
+and ids are asked for, never guessed, a record described without its id is found with the search tool (where the
+agent has one), and a changed record's id is told. The episode database is {'records': {entity: {id: record}}, 'last_id': {entity: n}}
 (k2.synth.toolspecs.ToolSimulator's state), so ToolEnv's check (final database == the gold actions' one) applies.
 
 Tasks (TASK_TYPES, the level in the task id: '<domain>-<split>-<index>-<type>-<nonce>'), each drawn only where the
@@ -20,7 +20,7 @@ agent has the tools it needs:
   L1-get           act     read one field of a record the user names by id; tell the value.
   L1-ask-id        ask     the same read, but the user leaves the id out and gives it only when asked for it.
   L2-find-update   act     find a record the user describes (list with a filter matching it alone), change a field.
-  L2-copy-update   act     (no list tool) read a field of one record and set it on another.
+  L2-copy-update   act     (no list tool to filter with) read a field of one record and set it on another.
   L2-ask-field     ask     create a record, a required field left out until asked for (k2.gym.Fact keywords).
   L2-refuse        refuse  change or delete a record marked protected: read it, then refuse (forbidden_actions
                            hold the call that would do it).
@@ -151,6 +151,14 @@ def draw_value(rng: random.Random, field: str, schema: Mapping[str, Any], split:
   raise ValueError(f'no value pool for field {field!r} of type {schema["type"]!r}')
 
 
+def draw_other(rng: random.Random, field: str, schema: Mapping[str, Any], old: Any, split: str) -> Any:
+  """A value as draw_value's, other than `old` (every schema's pool holds at least two)."""
+  value = old
+  while value == old:
+    value = draw_value(rng, field, schema, split)
+  return value
+
+
 def _entities(entry: Mapping[str, Any], values: Mapping[str, Any]) -> list[str]:
   """The values among `values` drawn from split pools, as 'field=value' (enum and boolean fields are the schema's,
   the same in both splits)."""
@@ -180,7 +188,9 @@ class AgentDomain(Domain):
       if tool.operation == 'list':
         entry['filters'] = [field for field in parameters['properties'] if field != 'limit']
     records = ', '.join(f'{label(entity)} records' for entity in self.collections)
-    rules = rng.sample(RULES, len(RULES))
+    searchable = any(entry['filters'] for entry in self.collections.values())
+    rules = [rule for rule in RULES if searchable or 'search tool' not in rule]  # no search rule without search
+    rules = rng.sample(rules, len(rules))
     self.policy = '\n'.join([
         rng.choice(OPENERS).format(company=rng.choice(COMPANIES), domain=label(synthetic.name)),
         f'You keep the {records} of the {label(synthetic.category)} system.', *(f'- {rule}' for rule in rules)])
@@ -192,9 +202,9 @@ class AgentDomain(Domain):
     """The task types the agent's tools allow for `entity`."""
     entry = self.collections[entity]
     ops = entry['ops']
+    find = 'update' in ops and 'list' in ops and bool(entry['filters'])
     has = {'L1-create': True, 'L1-get': True, 'L1-ask-id': True, 'L2-ask-field': True, 'L3-two-creates': True,
-           'L2-find-update': 'update' in ops and 'list' in ops and bool(entry['filters']),
-           'L2-copy-update': 'update' in ops and 'list' not in ops,
+           'L2-find-update': find, 'L2-copy-update': 'update' in ops and not find,
            'L2-refuse': 'update' in ops or 'delete' in ops,
            'L3-update-delete': 'update' in ops and 'delete' in ops}
     return [name for name in TASK_TYPES if has[name]]
@@ -215,12 +225,6 @@ class AgentDomain(Domain):
       db['last_id'][entity] = draw_id(rng, split, 4) * 10
     return db
 
-  def _new_value(self, rng: random.Random, entry: Mapping[str, Any], field: str, old: Any, split: str) -> Any:
-    value = old
-    while value == old:
-      value = draw_value(rng, field, entry['fields'][field], split)
-    return value
-
   def _create_values(self, rng: random.Random, entry: Mapping[str, Any], split: str) -> dict[str, Any]:
     """The required fields and a drawn share of the optional ones."""
     fields = [f for f in entry['fields'] if f in entry['required'] or rng.random() < 0.5]
@@ -238,8 +242,7 @@ class AgentDomain(Domain):
     noun = label(entity)
     told = [f for f, schema in entry['fields'].items() if schema['type'] != 'boolean']  # a value to tell
     next_id = f'{entry["prefix"]}-{db["last_id"][entity] + 1}'
-    out: dict[str, Any] = dict(facts=(), withheld=(), required_facts=(), expert_ask='', ask_after=0,
-                               forbidden_actions=())
+    out: dict[str, Any] = {}  # Task's fields beyond the common ones
 
     def details(values: Mapping[str, Any]) -> str:
       return '; '.join(f'{label(f)}: {say(v)}' for f, v in values.items())
@@ -285,8 +288,8 @@ class AgentDomain(Domain):
         want = records[target][key]
         for other in ids:  # the filter must match the target alone
           if other != target and records[other][key] == want:
-            records[other][key] = self._new_value(rng, entry, key, want, split)
-        value = self._new_value(rng, entry, field, records[target][field], split)
+            records[other][key] = draw_other(rng, key, entry['fields'][key], want, split)
+        value = draw_other(rng, field, entry['fields'][field], records[target][field], split)
         read = ToolCall(ops['list'], {key: want})
         out['instruction'] = template('find_update', filter=f'{label(key)} {say(want)}', field=label(field),
                                       value=say(value))
@@ -310,7 +313,7 @@ class AgentDomain(Domain):
         out['entities'] = (record_id,)
       else:
         field = rng.choice(sorted(entry['fields']))
-        value = self._new_value(rng, entry, field, records[record_id][field], split)
+        value = draw_other(rng, field, entry['fields'][field], records[record_id][field], split)
         forbidden = ToolCall(ops['update'], {'id': record_id, field: value})
         out['instruction'] = template('refuse_update', id=record_id, field=label(field), value=say(value))
         out['entities'] = (record_id, *_entities(entry, {field: value}))
@@ -329,7 +332,7 @@ class AgentDomain(Domain):
     else:  # L3-update-delete
       changed, deleted = rng.sample(free, 2)
       field = rng.choice(sorted(entry['fields']))
-      value = self._new_value(rng, entry, field, records[changed][field], split)
+      value = draw_other(rng, field, entry['fields'][field], records[changed][field], split)
       out.update(kind='act', instruction=template('update_delete', field=label(field), id=changed, value=say(value),
                                                   id2=deleted),
                  gold_actions=(ToolCall(ops['update'], {'id': changed, field: value}),
