@@ -77,8 +77,10 @@ def main(argv):
   except (ConfigError, ValueError, OSError) as e:
     sys.exit(f'error: {e}')
   start = time.perf_counter()
+  progress = lambda turn, live: print(f'turn {turn}: {live} episodes running ({time.perf_counter() - start:.0f}s)',
+                                     flush=True)  # noqa: E731
   report = evaluation.evaluate(_DOMAINS.value, responder_for, tasks_per_domain=_TASKS.value, trials=_TRIALS.value,
-                               seed=_SEED.value)
+                               seed=_SEED.value, on_turn=progress)
   seconds = time.perf_counter() - start
   print(f'agent: {agent}; temperature {_TEMPERATURE.value}; {_TASKS.value} held-out tasks x {_TRIALS.value} '
         f'trials per domain; {seconds:.0f}s')

@@ -47,10 +47,10 @@ def model_responder(backend, tools: Sequence[Sequence[Mapping[str, Any]]], seed:
   return respond
 
 
-def run_episodes(envs: Sequence[ToolEnv], tasks: Sequence[Task], seeds: Sequence[int],
-                 respond: Responder) -> list[Episode]:
+def run_episodes(envs: Sequence[ToolEnv], tasks: Sequence[Task], seeds: Sequence[int], respond: Responder,
+                 on_turn: Callable[[int, int], None] | None = None) -> list[Episode]:
   """Plays episode i (`tasks[i]` in `envs[i]`, user seeded by `seeds[i]`) until every one has ended; episodes in
-  the order given. Each env is used by one episode."""
+  the order given. Each env is used by one episode. on_turn(turn, live episodes) is called before each turn."""
   if not len(envs) == len(tasks) == len(seeds):
     raise ValueError(f'{len(envs)} envs, {len(tasks)} tasks and {len(seeds)} seeds: one each per episode')
   if len({id(env) for env in envs}) != len(envs):
@@ -59,7 +59,11 @@ def run_episodes(envs: Sequence[ToolEnv], tasks: Sequence[Task], seeds: Sequence
     env.reset(task, seed)
   results: list[Episode | None] = [None] * len(envs)
   live = list(range(len(envs)))
+  turn = 0
   while live:
+    turn += 1
+    if on_turn is not None:
+      on_turn(turn, len(live))
     outputs = respond(live, [list(envs[i].messages) for i in live])
     if len(outputs) != len(live):
       raise ValueError(f'the responder returned {len(outputs)} outputs for {len(live)} episodes')

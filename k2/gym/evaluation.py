@@ -55,17 +55,19 @@ def score(tasks: Sequence[Task], episodes: Sequence[Sequence[Episode]]) -> dict[
 
 def evaluate(domain_names: Sequence[str], responder_for: Callable[[list[ToolEnv], list[Task], list[int]], Responder],
              tasks_per_domain: int = 20, trials: int = 4, seed: int = 0, split: str = 'heldout',
-             max_user_turns: int = 8, max_assistant_turns: int = 16) -> dict[str, dict[str, Any]]:
+             max_user_turns: int = 8, max_assistant_turns: int = 16,
+             on_turn: Callable[[int, int], None] | None = None) -> dict[str, dict[str, Any]]:
   """Plays `tasks_per_domain` tasks of each domain `trials` times (the simulated user seeded per trial) and returns
   {domain: score(...)}. `responder_for(envs, tasks, seeds)` gives the agent for those episodes (a Responder,
-  k2.gym.episodes); every episode of every domain is stepped together, so a model samples them in one batch."""
+  k2.gym.episodes); every episode of every domain is stepped together, so a model samples them in one batch.
+  on_turn(turn, live episodes): progress."""
   tasks = {name: domains_lib.get(name).sample_tasks(tasks_per_domain, seed, split) for name in domain_names}
   plan = [(name, t, trial) for name in domain_names for t in range(tasks_per_domain) for trial in range(trials)]
   envs = [ToolEnv(domains_lib.get(name), max_user_turns=max_user_turns, max_assistant_turns=max_assistant_turns)
           for name, _, _ in plan]
   episode_tasks = [tasks[name][t] for name, t, _ in plan]
   seeds = [seed * 1000 + trial for _, _, trial in plan]
-  episodes = run_episodes(envs, episode_tasks, seeds, responder_for(envs, episode_tasks, seeds))
+  episodes = run_episodes(envs, episode_tasks, seeds, responder_for(envs, episode_tasks, seeds), on_turn)
   by_domain: dict[str, list[list[Episode]]] = {name: [[] for _ in range(tasks_per_domain)] for name in domain_names}
   for (name, t, _), episode in zip(plan, episodes):
     by_domain[name][t].append(episode)

@@ -16,8 +16,8 @@ latents into slots 0..P-1 of its row; the slots past them may still hold the pre
 no query reads (a query at position p reads slots 0..p, all written by its own sequence: the decode kernel is
 length-aware). Decoding runs `steps_per_sync` steps per jitted call (a while loop that also stops when every
 slot is done), so the host syncs once per chunk, not once per token. Prompts are padded to power-of-two widths
-and admitted in groups of `num_slots` (the first fill) or `admit_group` rows, so a whole run compiles a handful of
-programs whatever its prompt lengths.
+(multiples of 256 past 256) and admitted in groups of `num_slots` (the first fill) or `admit_group` rows, so a whole
+run compiles a handful of programs whatever its prompt lengths.
 
 Randomness: decode step g (counted over the whole run, from 1) draws with fold_in(key, g), and the first fill's
 prefill with the key itself, exactly as `generate` does; so with `num_slots == len(prompts)` (one static batch)
@@ -42,7 +42,8 @@ from k2 import sharding
 from k2.model import Transformer
 from k2.sample.generate import DecodeOptions, GenerateResult, _options, decode_step, prefill
 
-MIN_PROMPT_WIDTH = 16  # prompt widths are powers of two from this (few compiled prefills)
+MIN_PROMPT_WIDTH = 16   # prompt widths are powers of two from this up to WIDTH_STEP (few compiled prefills),
+WIDTH_STEP = 256        # then multiples of this (a 1100-token prompt is prefilled at 1280, not 2048)
 _NUM_STOP_SLOTS = 8    # per-slot stop tokens, padded with -1 (as generate)
 _ADMISSION_KEY = 0x5EED  # later admissions' prefill keys: fold_in(fold_in(key, this), admission index)
 
@@ -126,6 +127,8 @@ _decode_chunk_jit = jax.jit(_decode_chunk, static_argnames=('graphdef', 'steps',
 
 
 def _width(length: int) -> int:
+  if length > WIDTH_STEP:
+    return -(-length // WIDTH_STEP) * WIDTH_STEP
   return max(MIN_PROMPT_WIDTH, 1 << (length - 1).bit_length())
 
 
