@@ -75,18 +75,15 @@ def test_a_failing_or_malformed_agent_is_scored_not_raised():
 
 @pytest.fixture(scope='module')
 def tiny_agent(tmp_path_factory):
-  """A random k2_tiny-shaped model with a small BPE, exported as a run's model/ (what eval_agent loads)."""
+  """A random k2_tiny-shaped model with a small BPE: (model, tokenizer, the tokenizer's path)."""
   from k2 import model as model_lib
   from k2.config import get_config
   from k2.data import tokenizer as tokenizer_lib
-  from k2.train import recipe
-  work = tmp_path_factory.mktemp('agent')
+  path = str(tmp_path_factory.mktemp('agent') / 'tokenizer.json')
   tokenizer = tokenizer_lib.train_bpe(lambda: ['get_balance of account AC12345 please'] * 8, vocab_size=300,
-                                      path=str(work / 'tokenizer.json'))
+                                      path=path)
   config = get_config('k2_tiny', num_layers=2, vocab_size=tokenizer.vocab_size, max_position_embeddings=1024)
-  model = model_lib.create(config)
-  recipe.export_model(model, str(work / 'model'), str(work / 'tokenizer.json'))
-  return model, tokenizer, str(work / 'model')
+  return model_lib.create(config), tokenizer, path
 
 
 def test_model_backend_returns_the_sampled_ids_and_flags_overflow(tiny_agent):
@@ -118,21 +115,31 @@ def test_an_untrained_model_plays_episodes_to_the_end(tiny_agent):
     assert episode.info['assistant_turns'] >= 1 or 'ContextOverflow' in episode.info.get('agent_error', '')
 
 
-def test_eval_agent_cli_reports_per_domain_and_rejects_bad_flags(tiny_agent, tmp_path):
-  _, _, model_dir = tiny_agent
+def _eval_agent(*flags):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'} | {'JAX_PLATFORMS': 'cpu'}
-  run = lambda *flags: subprocess.run([sys.executable, '-m', 'experiments.eval_agent', *flags], cwd=ROOT, env=env,
-                                      capture_output=True, text=True, timeout=600)
+  return subprocess.run([sys.executable, '-m', 'experiments.eval_agent', *flags], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_eval_agent_cli_reports_per_domain(tiny_agent, tmp_path):
+  from k2.train import recipe
+  model, _, tokenizer_path = tiny_agent
+  model_dir = str(tmp_path / 'model')  # a run's model/ export: what eval_agent loads
+  recipe.export_model(model, model_dir, tokenizer_path)
   out = tmp_path / 'report.json'
-  result = run('--checkpoint', model_dir, '--domains', 'calculator,bank', '--tasks_per_domain', '2', '--trials', '2',
-               '--max_new_tokens', '8', '--out', str(out))
+  result = _eval_agent('--checkpoint', model_dir, '--domains', 'calculator,bank', '--tasks_per_domain', '2',
+                       '--trials', '2', '--max_new_tokens', '8', '--out', str(out))
   assert result.returncode == 0, result.stderr[-2000:]
   report = json.loads(out.read_text())
   assert set(report['domains']) == {'calculator', 'bank'}
   assert report['domains']['bank']['tasks'] == 2 and math.isclose(report['domains']['bank']['pass^1'], 0.0)
-  assert '| bank (unseen in SFT) |' in result.stdout
-  for flags, message in [(('--domains', 'nowhere'), 'error: give exactly one of'),
-                         (('--checkpoint', model_dir, '--domains', 'nowhere'), "error: unknown domain 'nowhere'"),
+  assert '| bank (unseen in SFT) |' in result.stdout and 'turn 1: 8 episodes running' in result.stdout
+
+
+def test_eval_agent_cli_rejects_bad_flags(tmp_path):
+  for flags, message in [(('--domains', 'bank'), 'error: give exactly one of'),
+                         (('--checkpoint', str(tmp_path), '--domains', 'nowhere'), "error: unknown domain 'nowhere'"),
                          (('--checkpoint', str(tmp_path / 'missing')), 'error: ')]:
-    result = run(*flags)
+    result = _eval_agent(*flags)
     assert result.returncode != 0 and message in result.stderr + result.stdout, (flags, result.stderr[-500:])
