@@ -9,8 +9,8 @@ import os
 
 import jax
 import numpy as np
-import optax
 import pytest
+from flax import nnx
 
 from k2.config import get_config
 from k2.rl import trainer
@@ -91,7 +91,6 @@ def test_dropped_groups_do_not_change_the_loss():
   """The loss over kept groups equals the loss of a batch holding only them (dropped ones add exact zeros)."""
   config = rl_config()
   setup, state = setup_and_state(config)
-  from flax import nnx
   model = nnx.merge(setup.graphdef, state.params, state.buffers)
   rng = np.random.default_rng(0)
   shape = (4, 4, 16)
@@ -182,7 +181,72 @@ def test_a_run_killed_mid_iteration_resumes_with_the_same_prompts_and_episodes(t
   assert sorted(os.listdir(tmp_path / 'killed' / 'episodes')) == ['1.jsonl', '2.jsonl']
   resumed, _ = run_training(tmp_path / 'killed', 4)
   assert episodes_of(tmp_path / 'straight') == episodes_of(tmp_path / 'killed')  # same prompts, same samples
-  jax.tree.map(np.testing.assert_allclose, jax.device_get(straight.params), jax.device_get(resumed.params))
+  jax.tree.map(np.testing.assert_allclose, jax.device_get(nnx.state(straight)), jax.device_get(nnx.state(resumed)))
   steps = [json.loads(line)['step'] for line in open(tmp_path / 'killed' / 'metrics.jsonl')]
   assert steps == [1, 2, 3, 4]
 
+
+
+@pytest.fixture(scope='module')
+def tokenizer():
+  from k2.data import pipeline
+  return pipeline.tokenizer()  # the cached BPE of the embedded corpus (has the chat special tokens)
+
+
+def test_critic_win_rates_are_pairwise_both_orders_and_agreement_is_measured(tokenizer):
+  from k2.rl import critic as critic_lib
+
+  class LongerIsBetter(critic_lib.Critic):  # a known critic: prefers the longer response, sure of it
+    def prefer_first(self, model, pairs):
+      return np.asarray([1.0 if len(a) > len(b) else 0.0 if len(a) < len(b) else 0.5 for _, _, a, b in pairs])
+
+  ids = lambda text: tokenizer.encode(text) + [tokenizer.special_tokens['<|im_end|>']]
+  episodes = trainer.Episodes(prompt_ids=np.array([0]), tokens=[[ids('a'), ids('a b c'), ids('a b'), ids('a b c d')]],
+                              sampler_logprobs=None, finish_reasons=None, rewards=np.array([[0, 1, 1, 0.0]]))
+  prompts = [trainer.Prompt(domain='x', tokens=(1,), max_new_tokens=4, question='q')]
+  wins, agreement = LongerIsBetter(tokenizer).judge(None, episodes, prompts)
+  np.testing.assert_allclose(wins, [[0, 2 / 3, 1 / 3, 1]])  # share of the other three each one beats
+  assert agreement == 0.5  # of the 4 pairs with different rewards, the 2 against 'a b c d' (reward 0) disagree
+
+  model = __import__('k2.model', fromlist=['create']).create(get_config('k2_tiny', num_layers=2), seed=0)
+  real = critic_lib.Critic(tokenizer)
+  first = real.prefer_first(model, [('q', '', 'x', 'y'), ('q', '', 'y', 'x')])
+  assert np.all((first > 0) & (first < 1))
+  wins, _ = real.judge(model, episodes, prompts)
+  np.testing.assert_allclose(wins.sum(), 2.0, rtol=1e-5)  # each pair hands out one win: K / 2 over K - 1 rivals
+
+
+def write_tiny_model(directory, tokenizer):
+  from k2 import model as model_lib
+  recipe.export_model(model_lib.create(get_config('k2_tiny', num_layers=2), seed=0), str(directory), tokenizer.path)
+
+
+@pytest.mark.slow
+def test_rl_launcher_end_to_end_with_ptx_and_critic(tmp_path, tokenizer):
+  import subprocess
+  import sys
+  from k2.rl import tasks
+  from k2.gym import verifiable
+  from tests.test_pretrain_smoke import ROOT
+  write_tiny_model(tmp_path / 'model', tokenizer)
+  tasks.write_demonstrations(str(tmp_path / 'demo.jsonl'), verifiable.sample_tasks('arithmetic', 16, seed=1, level=1))
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  bindings = [f"INIT_FROM = '{tmp_path / 'model'}'", 'model_config.num_layers = 2', 'NUM_ITERATIONS = 2',
+              'rl.num_train_prompts = 8', 'rl.num_eval_prompts = 4', 'rl.eval_samples = 2',
+              "rl.budgets = {'arithmetic': 12}", "rl.domains = {'arithmetic': 1}", 'RLConfig.prompts_per_iteration = 4',
+              'RLConfig.samples_per_prompt = 4',
+              'RLConfig.seq_len = 96', 'RLConfig.ptx_weight = 0.1', 'RLConfig.ptx_rows = 2',
+              'RLConfig.critic_weight = 0.2', f"rl.ptx_conversations = '{tmp_path / 'demo.jsonl'}'"]
+  result = subprocess.run([sys.executable, '-m', 'experiments.rl', '--gin_file=configs/rl/tiny.gin',
+                           f'--workdir={tmp_path / "rl"}'] + [f'--gin_bindings={b}' for b in bindings],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in open(tmp_path / 'rl' / 'metrics.jsonl')]
+  assert [r['step'] for r in records] == [0, 1, 2]
+  assert 'eval_pass@1' in records[0] and 'eval_greedy_accuracy' in records[-1]
+  for key in ('reward/arithmetic', 'pass@1', 'pass@4', 'response_length_p95', 'truncation_rate', 'temperature',
+              'degenerate_group_fraction', 'critic_win_rate_spread', 'rollout_tokens_per_second'):
+    assert key in records[1], key
+  updated = [r for r in records[1:] if r['skipped_update'] == 0.0]
+  assert all(r['ptx_loss'] > 0 and 'max_logit' in r and 'clipped_heads' in r for r in updated)
+  assert os.path.isdir(tmp_path / 'rl' / 'model' / 'state')

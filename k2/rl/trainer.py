@@ -360,8 +360,9 @@ def iteration(state: TrainState, sampler: PromptSampler, context: Context) -> tu
   passed = episodes.rewards >= config.pass_threshold
   if context.critic is not None:
     win_rates, agreement = context.critic.judge(live_model(state, setup), episodes, context.prompts)
-    metrics.update({'critic_win_rate_spread': float(np.mean(np.ptp(win_rates, axis=1))),
-                    'critic_agreement': agreement})
+    metrics['critic_win_rate_spread'] = float(np.mean(np.ptp(win_rates, axis=1)))
+    if agreement is not None:
+      metrics['critic_agreement'] = agreement
     episodes.rewards = episodes.rewards + config.critic_weight * win_rates.astype(np.float32)
   kept = kept_groups(episodes.rewards)
   batch = episode_batch(episodes, context.prompts, kept, config.seq_len)
@@ -414,6 +415,24 @@ def iteration(state: TrainState, sampler: PromptSampler, context: Context) -> tu
   return state, metrics, episodes
 
 
+def evaluate(model: model_lib.Transformer, prompts: Sequence[Prompt], reward_fn: RewardFn, *, samples: int,
+             temperature: float, stop_tokens: Sequence[int], pass_threshold: float = 1.0, seed: int = 0,
+             num_slots: int = 64, mesh=None) -> dict[str, float]:
+  """Held-out quality of `model`: sampled pass@1 (mean over `samples` responses per prompt at `temperature`), greedy
+  accuracy, mean reward, truncation rate and response length of the sampled responses. Budgets as in training."""
+  config = RLConfig(samples_per_prompt=samples, num_slots=num_slots, pass_threshold=pass_threshold)
+  ids = np.arange(len(prompts))
+  sampled = sample_episodes(model, prompts, ids, config, temperature, stop_tokens, seed, mesh)
+  score_episodes(sampled, prompts, reward_fn, config)
+  greedy = engine.rollout(model, [p.tokens for p in prompts], [p.max_new_tokens for p in prompts],
+                          num_slots=num_slots, temperature=0.0, stop_tokens=list(stop_tokens), mesh=mesh)
+  greedy_pass = [finish == 'stop' and reward_fn(prompt, tokens)[0] >= pass_threshold
+                 for prompt, tokens, finish in zip(prompts, greedy.tokens, greedy.finish_reasons)]
+  metrics = episode_metrics(sampled, prompts, config)
+  return {'pass@1': metrics['pass@1'], 'greedy_accuracy': float(np.mean(greedy_pass)), 'reward': metrics['reward'],
+          'truncation_rate': metrics['truncation_rate'], 'response_length_mean': metrics['response_length_mean']}
+
+
 def write_episodes(path: str, episodes: Episodes, prompts: Sequence[Prompt]) -> None:
   """One JSON line per response: prompt id, domain, token ids, finish reason, reward, reason."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -433,8 +452,9 @@ def make_setup(model_config: ModelConfig, config: RLConfig, learning_rate: float
   reset every iteration, so a schedule inside it would restart each time), MuonClip's post-update as pretraining."""
   loss_fn = functools.partial(rl_loss, tau=config.tau, ptx_weight=config.ptx_weight)
   return lambda graphdef: StepSetup(
-      graphdef=graphdef, model_config=model_config, optimizer=optimizer, schedule=optax.constant_schedule(learning_rate),
-      qk_clip_tau=qk_clip_tau, bias_update_rate=bias_update_rate, loss_fn=loss_fn, aux_reductions=LOSS_REDUCTIONS)
+      graphdef=graphdef, model_config=model_config, optimizer=optimizer,
+      schedule=optax.constant_schedule(learning_rate), qk_clip_tau=qk_clip_tau, bias_update_rate=bias_update_rate,
+      loss_fn=loss_fn, aux_reductions=LOSS_REDUCTIONS)
 
 
 def train(workdir: str, *, model_config: ModelConfig, config: RLConfig, prompts: Sequence[Prompt],
@@ -443,9 +463,10 @@ def train(workdir: str, *, model_config: ModelConfig, config: RLConfig, prompts:
           critic=None, ptx_batches=None, checkpoint_every: int = 10, keep_checkpoints: int = 3,
           evaluate: Callable[[model_lib.Transformer], dict] | None = None, eval_every: int = 0,
           qk_clip_tau: float | None = 100.0, bias_update_rate: float = 1e-3,
-          on_iteration: Callable[[int, dict], None] | None = None) -> tuple[TrainState, dict]:
-  """Runs (or resumes) RL to `num_iterations`; returns (state, last metrics). The model starts from `init_from` (an
-  SFT or pretraining workdir, a model export, an HF directory) unless the workdir has its own checkpoint.
+          on_iteration: Callable[[int, dict], None] | None = None) -> tuple[model_lib.Transformer, dict]:
+  """Runs (or resumes) RL to `num_iterations`; returns (the trained model, the last metrics). The model starts
+  from `init_from` (an SFT or pretraining workdir, a model export, an HF directory) unless the workdir has its own
+  checkpoint.
   evaluate(model) -> metrics runs every eval_every iterations (0: never) and at the end, on the live model.
   on_iteration(iteration, metrics) is called after each iteration's metrics are written."""
   if config.ptx_weight and ptx_batches is None:
@@ -478,6 +499,11 @@ def train(workdir: str, *, model_config: ModelConfig, config: RLConfig, prompts:
   writer = metrics_lib.MetricWriter(workdir, resume_step=start) if lead else metrics_lib.NullWriter()
   record: dict[str, float] = {}
   try:
+    if evaluate is not None and start == 0:  # the starting point, as iteration 0
+      record = {f'eval_{k}': v for k, v in evaluate(live_model(state, setup)).items()}
+      writer.write(0, record)
+      if lead:
+        print(progress_line(0, num_iterations, record), flush=True)
     for number in range(start + 1, num_iterations + 1):
       began = time.time()
       state, record, episodes = iteration(state, sampler, context)
@@ -495,7 +521,7 @@ def train(workdir: str, *, model_config: ModelConfig, config: RLConfig, prompts:
   finally:
     writer.close()
     checkpointer.close()
-  return state, record
+  return live_model(state, setup), record
 
 
 _PROGRESS = (('reward', 'reward {:+.3f}'), ('pass@1', 'pass@1 {:.3f}'), ('truncation_rate', 'trunc {:.3f}'),
