@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from k2 import model as model_lib
 from k2.config import get_config
 from k2.rl import trainer
 from k2.train import recipe
@@ -38,13 +39,13 @@ def rl_config(**overrides):
   return trainer.RLConfig(**{**base, **overrides})
 
 
-def setup_and_state(config, learning_rate=3e-3):
-  from k2 import model as model_lib
+OPTIMIZER = recipe.optimizer(3e-3)  # one object, so every test's StepSetup is equal and train_step compiles once
+
+
+def setup_and_state(config):
   from k2.train.step import init_state
-  optimizer = recipe.optimizer(learning_rate)
-  graphdef, state = init_state(model_lib.create(CONFIG, seed=0), optimizer)
-  setup = trainer.make_setup(CONFIG, config, learning_rate, optimizer)(graphdef)
-  return setup, state
+  graphdef, state = init_state(model_lib.create(CONFIG, seed=0), OPTIMIZER)
+  return trainer.make_setup(graphdef, CONFIG, config, 3e-3, OPTIMIZER), state
 
 
 def context(setup, config, reward_fn=even_share, prompts=None, **kwargs):
@@ -150,9 +151,8 @@ def test_temperature_decays_from_exploration_to_exploitation():
 def run_training(workdir, num_iterations, reward_fn=even_share, **kwargs):
   config = rl_config()
   from k2.train import loop
-  optimizer = recipe.optimizer(3e-3)
   return trainer.train(str(workdir), model_config=CONFIG, config=config, prompts=make_prompts(), reward_fn=reward_fn,
-                       stop_tokens=STOPS, num_iterations=num_iterations, learning_rate=3e-3, optimizer=optimizer,
+                       stop_tokens=STOPS, num_iterations=num_iterations, learning_rate=3e-3, optimizer=OPTIMIZER,
                        mesh=loop.make_run_mesh({}, CONFIG, config.prompts_per_iteration, 1), checkpoint_every=1,
                        **kwargs)
 
@@ -208,7 +208,7 @@ def test_critic_win_rates_are_pairwise_both_orders_and_agreement_is_measured(tok
   np.testing.assert_allclose(wins, [[0, 2 / 3, 1 / 3, 1]])  # share of the other three each one beats
   assert agreement == 0.5  # of the 4 pairs with different rewards, the 2 against 'a b c d' (reward 0) disagree
 
-  model = __import__('k2.model', fromlist=['create']).create(get_config('k2_tiny', num_layers=2), seed=0)
+  model = model_lib.create(get_config('k2_tiny', num_layers=2), seed=0)
   real = critic_lib.Critic(tokenizer)
   first = real.prefer_first(model, [('q', '', 'x', 'y'), ('q', '', 'y', 'x')])
   assert np.all((first > 0) & (first < 1))
@@ -217,7 +217,6 @@ def test_critic_win_rates_are_pairwise_both_orders_and_agreement_is_measured(tok
 
 
 def write_tiny_model(directory, tokenizer):
-  from k2 import model as model_lib
   recipe.export_model(model_lib.create(get_config('k2_tiny', num_layers=2), seed=0), str(directory), tokenizer.path)
 
 

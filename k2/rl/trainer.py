@@ -445,16 +445,34 @@ def write_episodes(path: str, episodes: Episodes, prompts: Sequence[Prompt]) -> 
   os.replace(path + '.tmp', path)
 
 
-def make_setup(model_config: ModelConfig, config: RLConfig, learning_rate: float, optimizer, *,
-               qk_clip_tau: float | None = 100.0, bias_update_rate: float = 1e-3) -> Callable[[nnx.GraphDef],
-                                                                                          StepSetup]:
-  """The StepSetup of the RL update for a graphdef: the RL loss, a constant learning rate (the optimizer is
-  reset every iteration, so a schedule inside it would restart each time), MuonClip's post-update as pretraining."""
-  loss_fn = functools.partial(rl_loss, tau=config.tau, ptx_weight=config.ptx_weight)
-  return lambda graphdef: StepSetup(
-      graphdef=graphdef, model_config=model_config, optimizer=optimizer,
-      schedule=optax.constant_schedule(learning_rate), qk_clip_tau=qk_clip_tau, bias_update_rate=bias_update_rate,
-      loss_fn=loss_fn, aux_reductions=LOSS_REDUCTIONS)
+@dataclasses.dataclass(frozen=True)
+class _RLLoss:
+  """rl_loss with its knobs bound; equal by value, so StepSetups of the same run compare equal (one compilation)."""
+  tau: float
+  ptx_weight: float
+
+  def __call__(self, model, batch):
+    return rl_loss(model, batch, tau=self.tau, ptx_weight=self.ptx_weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConstantRate:
+  """The learning rate, constant: the optimizer is reset every iteration, so a schedule inside it would restart."""
+  learning_rate: float
+
+  def __call__(self, step):
+    del step
+    return jnp.asarray(self.learning_rate, jnp.float32)
+
+
+def make_setup(graphdef: nnx.GraphDef, model_config: ModelConfig, config: RLConfig, learning_rate: float,
+               optimizer: optax.GradientTransformation, *, qk_clip_tau: float | None = 100.0,
+               bias_update_rate: float = 1e-3) -> StepSetup:
+  """The StepSetup of the RL update: the RL loss, a constant learning rate, MuonClip's post-update (QK-Clip, router
+  balancing) exactly as pretraining. `optimizer` is built on the same constant rate (recipe.optimizer(rate))."""
+  return StepSetup(graphdef=graphdef, model_config=model_config, optimizer=optimizer,
+                   schedule=_ConstantRate(learning_rate), qk_clip_tau=qk_clip_tau, bias_update_rate=bias_update_rate,
+                   loss_fn=_RLLoss(config.tau, config.ptx_weight), aux_reductions=LOSS_REDUCTIONS)
 
 
 def train(workdir: str, *, model_config: ModelConfig, config: RLConfig, prompts: Sequence[Prompt],
@@ -489,8 +507,8 @@ def train(workdir: str, *, model_config: ModelConfig, config: RLConfig, prompts:
     sharding.shard_model(model, mesh)
     graphdef, state = init_state(model, optimizer)
     del model
-    setup = make_setup(model_config, config, learning_rate, optimizer, qk_clip_tau=qk_clip_tau,
-                       bias_update_rate=bias_update_rate)(graphdef)
+    setup = make_setup(graphdef, model_config, config, learning_rate, optimizer, qk_clip_tau=qk_clip_tau,
+                       bias_update_rate=bias_update_rate)
     state, start = loop.restore_latest(checkpointer, state, data_state, workdir, model_config)
   if start:
     print(f'resumed from {workdir}/checkpoints/{start} (prompt sampler at iteration {sampler.iteration})', flush=True)
