@@ -141,6 +141,27 @@ def test_prompt_sampler_favours_failed_prompts_and_its_state_round_trips():
   np.testing.assert_array_equal(copy.select(3), sampler.select(3))
 
 
+def test_partial_rollout_carries_unfinished_groups_and_resumes_them_where_they_stopped():
+  config = rl_config(rollout_segment_tokens=4)
+  setup, state = setup_and_state(config)
+  sampler = trainer.PromptSampler(12, seed=0)
+  ctx = context(setup, config)
+  state, metrics, first = trainer.iteration(state, sampler, ctx)
+  carried = json.loads(json.dumps(sampler.get_state()))['in_flight']  # what the checkpoint stores
+  assert metrics['groups_in_flight'] == len(carried) > 0
+  assert all(len(t) == 4 for g in carried for t, f in zip(g['tokens'], g['finish']) if f is None)
+  assert len(first.prompt_ids) + len(carried) == 4
+  new_ids = sampler.select(4)
+  assert len(new_ids) == 4 - len(carried) and not set(new_ids) & {g['prompt_id'] for g in carried}
+  state, metrics, second = trainer.iteration(state, sampler, ctx)
+  assert metrics['groups_resumed'] == len(carried)
+  finished_now = {int(p): tokens for p, tokens in zip(second.prompt_ids, second.tokens)}
+  for group in carried:
+    if group['prompt_id'] in finished_now:  # resumed: the stored tokens are the prefix of the final response
+      for before, after in zip(group['tokens'], finished_now[group['prompt_id']]):
+        assert after[:len(before)] == before and len(after) <= 12
+
+
 def test_temperature_decays_from_exploration_to_exploitation():
   config = rl_config(temperature_start=1.2, temperature_end=0.6, temperature_decay_iterations=10)
   values = [trainer.temperature(config, i) for i in range(1, 15)]
@@ -148,8 +169,8 @@ def test_temperature_decays_from_exploration_to_exploitation():
   assert all(a >= b for a, b in zip(values, values[1:]))
 
 
-def run_training(workdir, num_iterations, reward_fn=even_share, **kwargs):
-  config = rl_config()
+def run_training(workdir, num_iterations, reward_fn=even_share, config=None, **kwargs):
+  config = config or rl_config()
   from k2.train import loop
   return trainer.train(str(workdir), model_config=CONFIG, config=config, prompts=make_prompts(), reward_fn=reward_fn,
                        stop_tokens=STOPS, num_iterations=num_iterations, learning_rate=3e-3, optimizer=OPTIMIZER,
@@ -162,8 +183,10 @@ def episodes_of(workdir):
           for name in sorted(os.listdir(os.path.join(workdir, 'episodes')))}
 
 
-def test_a_run_killed_mid_iteration_resumes_with_the_same_prompts_and_episodes(tmp_path):
-  straight, _ = run_training(tmp_path / 'straight', 4)
+@pytest.mark.parametrize('segment', [0, 4])  # without and with partial rollout (groups carried over iterations)
+def test_a_run_killed_mid_iteration_resumes_with_the_same_prompts_and_episodes(tmp_path, segment):
+  config = rl_config(rollout_segment_tokens=segment)
+  straight, _ = run_training(tmp_path / 'straight', 4, config=config)
 
   class Killed(Exception):
     pass
@@ -176,10 +199,10 @@ def test_a_run_killed_mid_iteration_resumes_with_the_same_prompts_and_episodes(t
     return even_share(prompt, response)
 
   with pytest.raises(Killed):
-    run_training(tmp_path / 'killed', 4, reward_fn=dies_in_iteration_3,
+    run_training(tmp_path / 'killed', 4, reward_fn=dies_in_iteration_3, config=config,
                  on_iteration=lambda number, record: finished.update(iterations=number))
   assert sorted(os.listdir(tmp_path / 'killed' / 'episodes')) == ['1.jsonl', '2.jsonl']
-  resumed, _ = run_training(tmp_path / 'killed', 4)
+  resumed, _ = run_training(tmp_path / 'killed', 4, config=config)
   assert episodes_of(tmp_path / 'straight') == episodes_of(tmp_path / 'killed')  # same prompts, same samples
   jax.tree.map(np.testing.assert_allclose, jax.device_get(nnx.state(straight)), jax.device_get(nnx.state(resumed)))
   steps = [json.loads(line)['step'] for line in open(tmp_path / 'killed' / 'metrics.jsonl')]

@@ -86,6 +86,9 @@ class RLConfig:
   critic_weight: float = 0.0           # weight of the self-critique win rate added to the reward (0: off)
   num_slots: int = 64                  # rollout decode slots (continuous batching)
   min_sampling_weight: float = 0.1     # every prompt keeps this much of a chance, however often it passes
+  # Partial rollout (k1.5 2.6.1, K2 3.3): at most this many new tokens per response and iteration; a group with an
+  # unfinished response is carried to the next iteration (and the checkpoint) and resumed there. 0: off.
+  rollout_segment_tokens: int = 0
 
   def __post_init__(self):
     if self.prompts_per_iteration < 1 or self.samples_per_prompt < 2:
@@ -116,16 +119,20 @@ class PromptSampler:
     self.iteration = 0
     self.passes = np.zeros(num_prompts, np.int64)
     self.tries = np.zeros(num_prompts, np.int64)
+    self.in_flight: list[dict] = []  # partial rollout: groups with unfinished responses (`sample_episodes`)
 
   def weights(self) -> np.ndarray:
     failure = 1.0 - (self.passes + 1) / (self.tries + 2)
     return np.maximum(failure, self.min_weight)
 
   def select(self, count: int) -> np.ndarray:
-    """The prompt ids of the next iteration ([count] int64), without advancing."""
+    """The new prompt ids of the next iteration ([count - groups in flight] int64; never one in flight), without
+    advancing."""
     if count > len(self.passes):
       raise ConfigError(f'prompts_per_iteration={count} exceeds the {len(self.passes)} training prompts')
     weights = self.weights()
+    weights[[g['prompt_id'] for g in self.in_flight]] = 0.0
+    count -= len(self.in_flight)
     rng = np.random.default_rng([self.seed, self.iteration + 1])
     return rng.choice(len(weights), size=count, replace=False, p=weights / weights.sum())
 
@@ -136,7 +143,8 @@ class PromptSampler:
     self.iteration += 1
 
   def get_state(self) -> dict:
-    return {'iteration': self.iteration, 'passes': self.passes.tolist(), 'tries': self.tries.tolist()}
+    return {'iteration': self.iteration, 'passes': self.passes.tolist(), 'tries': self.tries.tolist(),
+            'in_flight': self.in_flight}
 
   def set_state(self, state: dict) -> None:
     if len(state['passes']) != len(self.passes):
@@ -145,6 +153,7 @@ class PromptSampler:
     self.iteration = int(state['iteration'])
     self.passes = np.asarray(state['passes'], np.int64)
     self.tries = np.asarray(state['tries'], np.int64)
+    self.in_flight = state['in_flight']
 
 
 class RLDataState:
@@ -244,16 +253,32 @@ class Episodes:
 
 
 def sample_episodes(model: model_lib.Transformer, prompts: Sequence[Prompt], prompt_ids: np.ndarray,
-                    config: RLConfig, temp: float, stop_tokens: Sequence[int], seed: int, mesh=None) -> Episodes:
-  """K responses to each prompt from `model` (the live parameters) by continuous batching."""
-  k = config.samples_per_prompt
-  chosen = [prompts[i] for i in prompt_ids]
-  result = engine.rollout(model, [p.tokens for p in chosen for _ in range(k)],
-                          [p.max_new_tokens for p in chosen for _ in range(k)], num_slots=config.num_slots,
+                    config: RLConfig, temp: float, stop_tokens: Sequence[int], seed: int, mesh=None,
+                    in_flight: Sequence[dict] = ()) -> tuple[Episodes, list[dict]]:
+  """K responses to each new prompt, and the unfinished responses of the groups `in_flight` continued from where
+  they stopped, from `model` (the live parameters) by continuous batching. Returns (the complete groups, the groups
+  still unfinished). A group is {'prompt_id', 'tokens', 'logprobs', 'finish'} with K lists each and finish None
+  while a response is unfinished; without partial rollout (rollout_segment_tokens 0) every group completes."""
+  k, segment = config.samples_per_prompt, config.rollout_segment_tokens
+  groups = [{key: (value if key == 'prompt_id' else [list(v) if isinstance(v, list) else v for v in value])
+             for key, value in g.items()} for g in in_flight]
+  groups += [{'prompt_id': int(i), 'tokens': [[] for _ in range(k)], 'logprobs': [[] for _ in range(k)],
+              'finish': [None] * k} for i in prompt_ids]
+  jobs = [(g, r) for g in groups for r in range(k) if g['finish'][r] is None]
+  remaining = [prompts[g['prompt_id']].max_new_tokens - len(g['tokens'][r]) for g, r in jobs]
+  result = engine.rollout(model, [prompts[g['prompt_id']].tokens + tuple(g['tokens'][r]) for g, r in jobs],
+                          [min(n, segment) if segment else n for n in remaining], num_slots=config.num_slots,
                           temperature=temp, stop_tokens=list(stop_tokens), seed=seed, mesh=mesh)
-  group = lambda values: [values[i * k:(i + 1) * k] for i in range(len(chosen))]
-  return Episodes(prompt_ids=np.asarray(prompt_ids), tokens=group(result.tokens),
-                  sampler_logprobs=group(result.logprobs), finish_reasons=group(result.finish_reasons))
+  for (g, r), n, tokens, logprobs, finish in zip(jobs, remaining, result.tokens, result.logprobs,
+                                                 result.finish_reasons):
+    g['tokens'][r] += tokens
+    g['logprobs'][r] += logprobs
+    g['finish'][r] = 'stop' if finish == 'stop' else 'length' if len(tokens) >= n else None
+  complete = [g for g in groups if None not in g['finish']]
+  episodes = Episodes(prompt_ids=np.asarray([g['prompt_id'] for g in complete], np.int64),
+                      tokens=[g['tokens'] for g in complete], sampler_logprobs=[g['logprobs'] for g in complete],
+                      finish_reasons=[g['finish'] for g in complete])
+  return episodes, [g for g in groups if None in g['finish']]
 
 
 def score_episodes(episodes: Episodes, prompts: Sequence[Prompt], reward_fn: RewardFn, config: RLConfig) -> None:
@@ -280,10 +305,13 @@ def kept_groups(rewards: np.ndarray) -> np.ndarray:
   return np.ptp(rewards, axis=1) > 0
 
 
-def episode_batch(episodes: Episodes, prompts: Sequence[Prompt], kept: np.ndarray, seq_len: int) -> dict:
+def episode_batch(episodes: Episodes, prompts: Sequence[Prompt], kept: np.ndarray, seq_len: int,
+                  num_prompts: int | None = None) -> dict:
   """The update's [P, K, seq_len] rows: prompt + sampled response ids shifted into inputs/targets, the mask on the
-  response targets of kept groups, the sampler's log-probs on the same positions, rewards [P, K], kept [P]."""
-  num_prompts, k = episodes.rewards.shape
+  response targets of kept groups, the sampler's log-probs on the same positions, rewards [P, K].
+  num_prompts: P, padded with empty groups (mask 0, reward 0) past the episodes' groups (one compiled shape)."""
+  num_groups, k = episodes.rewards.shape
+  num_prompts = num_prompts or num_groups
   shape = (num_prompts, k, seq_len)
   batch = {key: np.zeros(shape, np.int32) for key in _ROW_KEYS}
   batch['mask'] = np.zeros(shape, np.float32)
@@ -303,8 +331,8 @@ def episode_batch(episodes: Episodes, prompts: Sequence[Prompt], kept: np.ndarra
       response_targets = slice(len(prompt) - 1, n)  # target j is token j + 1: the response starts at len(prompt)
       batch['mask'][p, i, response_targets] = float(kept[p])
       batch['sampler_logprobs'][p, i, response_targets] = episodes.sampler_logprobs[p][i]
-  batch['rewards'] = episodes.rewards.astype(np.float32)
-  batch['kept'] = kept.astype(np.float32)
+  batch['rewards'] = np.zeros((num_prompts, k), np.float32)
+  batch['rewards'][:num_groups] = episodes.rewards
   return batch
 
 
@@ -352,9 +380,15 @@ def iteration(state: TrainState, sampler: PromptSampler, context: Context) -> tu
   temp = temperature(config, number)
   prompt_ids = sampler.select(config.prompts_per_iteration)
   start = time.time()
-  episodes = sample_episodes(live_model(state, setup), context.prompts, prompt_ids, config, temp,
-                             context.stop_tokens, seed=(context.seed * 1_000_003 + number) % 2 ** 31, mesh=context.mesh)
+  resumed = len(sampler.in_flight)
+  episodes, sampler.in_flight = sample_episodes(
+      live_model(state, setup), context.prompts, prompt_ids, config, temp, context.stop_tokens,
+      seed=(context.seed * 1_000_003 + number) % 2 ** 31, mesh=context.mesh, in_flight=sampler.in_flight)
   rollout_seconds = time.time() - start
+  partial = {'groups_resumed': resumed, 'groups_in_flight': len(sampler.in_flight)}
+  if not len(episodes.prompt_ids):  # every group is still being generated (partial rollout)
+    sampler.record(episodes.prompt_ids, np.zeros((0, config.samples_per_prompt), bool))
+    return state, {**partial, 'temperature': temp, 'skipped_update': 1.0}, episodes
   score_episodes(episodes, context.prompts, context.reward_fn, config)
   metrics = episode_metrics(episodes, context.prompts, config)  # of the verifiable reward, before the critic
   passed = episodes.rewards >= config.pass_threshold
@@ -365,10 +399,10 @@ def iteration(state: TrainState, sampler: PromptSampler, context: Context) -> tu
       metrics['critic_agreement'] = agreement
     episodes.rewards = episodes.rewards + config.critic_weight * win_rates.astype(np.float32)
   kept = kept_groups(episodes.rewards)
-  batch = episode_batch(episodes, context.prompts, kept, config.seq_len)
+  batch = episode_batch(episodes, context.prompts, kept, config.seq_len, config.prompts_per_iteration)
   sampler_logprobs = batch.pop('sampler_logprobs')
   generated = sum(len(r) for g in episodes.tokens for r in g)
-  metrics.update({'temperature': temp, 'degenerate_group_fraction': float(1 - kept.mean()),
+  metrics.update({**partial, 'temperature': temp, 'degenerate_group_fraction': float(1 - kept.mean()),
                   'rollout_seconds': rollout_seconds, 'rollout_tokens_per_second': generated / rollout_seconds})
 
   start = time.time()
@@ -381,7 +415,7 @@ def iteration(state: TrainState, sampler: PromptSampler, context: Context) -> tu
       gap = old_host[on_response] - sampler_logprobs[on_response]
       metrics.update({'logprob_gap_mean': float(gap.mean()), 'logprob_gap_abs_max': float(np.abs(gap).max())})
     metrics['old_logprob_seconds'] = time.time() - start
-    sampler.record(prompt_ids, passed)
+    sampler.record(episodes.prompt_ids, passed)
     if not kept.any():  # nothing to learn from: a step on pure noise would move the policy (POSTTRAINING.md)
       metrics['skipped_update'] = 1.0
       return state, metrics, episodes
@@ -422,7 +456,7 @@ def evaluate(model: model_lib.Transformer, prompts: Sequence[Prompt], reward_fn:
   accuracy, mean reward, truncation rate and response length of the sampled responses. Budgets as in training."""
   config = RLConfig(samples_per_prompt=samples, num_slots=num_slots, pass_threshold=pass_threshold)
   ids = np.arange(len(prompts))
-  sampled = sample_episodes(model, prompts, ids, config, temperature, stop_tokens, seed, mesh)
+  sampled, _ = sample_episodes(model, prompts, ids, config, temperature, stop_tokens, seed, mesh)
   score_episodes(sampled, prompts, reward_fn, config)
   greedy = engine.rollout(model, [p.tokens for p in prompts], [p.max_new_tokens for p in prompts],
                           num_slots=num_slots, temperature=0.0, stop_tokens=list(stop_tokens), mesh=mesh)
