@@ -248,8 +248,8 @@ class Episodes:
   tokens: list[list[list[int]]]
   sampler_logprobs: list[list[list[float]]]
   finish_reasons: list[list[str]]
-  rewards: np.ndarray = None
-  reasons: list[list[str]] = None
+  rewards: np.ndarray | None = None
+  reasons: list[list[str]] | None = None
 
 
 def sample_episodes(model: model_lib.Transformer, prompts: Sequence[Prompt], prompt_ids: np.ndarray,
