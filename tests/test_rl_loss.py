@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from k2 import model as model_lib
 from k2 import rl
@@ -146,3 +147,30 @@ def test_accumulation_over_whole_groups_is_exact_and_padding_groups_do_not_count
   assert float(aux_one['kl']) == pytest.approx(float(aux_two['kl']), rel=1e-4)  # float32 sums
   for a, b in zip(jax.tree.leaves(grads_one), jax.tree.leaves(grads_two)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # float32 sums; gradients ~1e-2
+
+
+def test_chunked_log_probs_match_the_plain_forward_and_its_gradient(model):
+  batch = rl_batch(model, prompts=2, k=2, t=12)
+  batch['old_logprobs'] = batch['old_logprobs'] - 0.1 * batch['mask']  # off theta_old: every term has gradient
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params, loss_chunk):
+    loss_sum, count, _ = rl.k15_loss_fn(nnx.merge(graphdef, params, rest), batch, tau=0.2, loss_chunk=loss_chunk)
+    return loss_sum / count
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  plain, grads_plain = value_and_grad(params, None)
+  chunked, grads_chunked = value_and_grad(params, 4)
+  assert float(chunked) == pytest.approx(float(plain), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_plain), jax.tree.leaves(grads_chunked)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  with pytest.raises(ValueError, match='loss_chunk 5 does not divide'):
+    rl.token_logprobs(model, batch, loss_chunk=5)
+
+
+def test_bad_shapes_and_tau_raise_clear_errors():
+  logprobs, old, mask, rewards = random_inputs(0)
+  with pytest.raises(ValueError, match='rewards'):
+    rl.k15_loss(logprobs, old, mask, rewards[:, :2], 0.1)
+  with pytest.raises(ValueError, match='tau=0'):
+    rl.k15_loss(logprobs, old, mask, rewards, 0)

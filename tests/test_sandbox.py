@@ -11,8 +11,9 @@ import pytest
 
 from k2.gym import sandbox
 
-ROOT = os.geteuid() == 0
-needs_root = pytest.mark.skipif(not ROOT, reason='namespaces and the uid drop need root (CI and the device are root)')
+# Isolation needs root with namespaces allowed (CI and the device run as root). Without it the escape tests would
+# attack the host itself (a fork bomb that leaves the process group), so they are skipped, as the sandbox logs.
+needs_root = pytest.mark.skipif(not sandbox.isolated(), reason='no namespaces here: the sandbox has only rlimits')
 
 
 def test_runs_code_and_captures_stdout():
@@ -81,7 +82,7 @@ def test_write_outside_the_temp_dir_is_denied(path):
 
 @needs_root
 def test_reading_a_root_only_file_is_denied():
-  directory = tempfile.mkdtemp(dir='/var/tmp')  # /var/tmp stays visible inside (/tmp is private there)
+  directory = tempfile.mkdtemp(dir=os.path.dirname(__file__))  # visible inside (/tmp and /var/tmp are private there)
   try:
     os.chmod(directory, 0o755)
     secret = os.path.join(directory, 'secret')
@@ -95,15 +96,20 @@ def test_reading_a_root_only_file_is_denied():
 
 
 @needs_root
-def test_runs_unprivileged_with_private_tmp_and_shm():
-  with open('/dev/shm/k2_sandbox_visible', 'w'):
-    pass
+def test_runs_unprivileged_with_private_world_writable_dirs():
+  outside = ['/dev/shm/k2_sandbox_visible', '/var/tmp/k2_sandbox_visible']
+  for path in outside:
+    with open(path, 'w'):
+      pass
   try:
-    result = sandbox.run('import os\nprint(os.getuid(), os.listdir("/dev/shm"), os.listdir("/tmp"), os.getcwd())')
+    result = sandbox.run('import os\nprint(os.getuid(), os.listdir("/dev/shm"), os.listdir("/var/tmp"), '
+                         'os.listdir("/tmp"), os.getcwd())\nopen("/var/tmp/left_behind", "w")')
   finally:
-    os.remove('/dev/shm/k2_sandbox_visible')
+    for path in outside:
+      os.remove(path)
   uid, rest = result.stdout.split(' ', 1)
-  assert int(uid) >= 1_000_000 and rest == "[] ['work'] /tmp/work\n"
+  assert int(uid) >= 1_000_000 and rest == "[] [] ['work'] /tmp/work\n"
+  assert result.status == 'ok' and not os.path.exists('/var/tmp/left_behind')
 
 
 ADD = 'def add(a, b):\n  return a + b\n'
@@ -138,7 +144,7 @@ def test_a_crashing_solution_scores_zero_with_a_reason():
 
 
 def test_without_namespaces_the_limits_and_the_timeout_still_apply(monkeypatch):
-  monkeypatch.setattr(sandbox, '_can_isolate', lambda: False)  # the fallback a non-root user gets
+  monkeypatch.setattr(sandbox, 'isolated', lambda: False)  # the fallback a non-root user gets
   assert sandbox.run('print(6 * 7)').stdout == '42\n'
   assert sandbox.run('while True:\n  pass', timeout_s=1).status == 'timeout'
   assert sandbox.run('x = bytearray(2 << 30)', memory_mb=256).status == 'memory'

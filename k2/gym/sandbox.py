@@ -5,16 +5,17 @@
     sandbox.run_tests(solution, 'add', cases=[((1, 2), 3)]).passed
 
 Isolation, as root (CI and the device machines run as root): this file, run as a script by the parent in a new
-session, is a launcher that enters new network, mount and PID namespaces and forks the program as PID 1 there. Before
-exec'ing the interpreter the child makes every mount private, mounts fresh tmpfs on /tmp, /dev/shm and /proc, hides
-the (root-only) directory holding the interpreter behind a tmpfs that exposes only the interpreter's prefix, sets
-rlimits (CPU, address space, file size, open files, processes), drops to a fresh unprivileged uid (one per run, so
-concurrent runs never share the process count) with no_new_privs, and runs in /tmp/work. The network namespace has
-only a down loopback, so every connection fails. On the wall timeout the parent asks the launcher to SIGKILL the
-program; when PID 1 of a namespace dies the kernel kills and reaps everything left in it (even processes that left
-the group with setsid) before the launcher's wait returns. The parent then SIGKILLs the launcher's whole process group,
-and the program also dies if the launcher does (parent-death signal). Not root, or namespaces denied (a container): only
-the rlimits and the timeout apply (one warning line says so).
+session, is a launcher that enters new network, mount, PID and IPC namespaces and forks the program as PID 1 there.
+Before exec'ing the interpreter the child makes every mount private, mounts a fresh tmpfs on each world-writable
+directory (/tmp, /var/tmp, /dev/shm, /run/lock) and a fresh /proc, hides the root-only directory holding the
+interpreter behind a tmpfs that exposes only the interpreter's prefix, sets rlimits (CPU, address space, file size,
+open files, processes), drops to a fresh unprivileged uid (one per run, so concurrent runs never share the process
+count) with no_new_privs, and runs in /tmp/work. The network namespace has only a down loopback, so every
+connection fails. On the wall timeout the parent asks the launcher to SIGKILL the program; when PID 1 of a namespace
+dies the kernel kills and reaps everything left in it (even processes that left the group with setsid) before the
+launcher's wait returns. The parent then SIGKILLs the launcher's whole process group, and the program also dies if
+the launcher does (parent-death signal). Not root, or namespaces denied (a container): only the rlimits and the
+timeout apply, and one warning line says so (`isolated()`).
 
 Verdicts are computed in the parent: `run_tests` sends the test inputs in, the program reports its outputs on fd 3 as
 lines tagged with a per-run random nonce (read from stdin and closed before the solution runs, so the solution's own
@@ -43,6 +44,8 @@ import tempfile
 import time
 
 STATUSES = ('ok', 'timeout', 'memory', 'error', 'denied')
+_NAMESPACES = os.CLONE_NEWNET | os.CLONE_NEWNS | os.CLONE_NEWPID | os.CLONE_NEWIPC
+_WORLD_WRITABLE = ('/tmp', '/var/tmp', '/dev/shm', '/run/lock')  # each gets a fresh tmpfs inside
 _DENIED = re.compile(r'^(PermissionError|OSError: \[Errno (1|13|30|101)\]|ConnectionRefusedError)')
 
 
@@ -75,12 +78,12 @@ def run(code: str, timeout_s: float = 2.0, memory_mb: int = 256, stdin: str = ''
   """Runs the Python source `code` (stdlib only: isolated mode, no site-packages) in the sandbox."""
   if timeout_s <= 0 or memory_mb <= 0 or max_processes <= 0:
     raise ValueError(f'timeout_s={timeout_s}, memory_mb={memory_mb}, max_processes={max_processes} must be > 0')
-  isolated = _can_isolate()
   with tempfile.TemporaryDirectory(prefix='k2_sandbox_') as scratch:
     paths = {name: os.path.join(scratch, name) for name in ('spec', 'stdin', 'stdout', 'stderr', 'report')}
-    spec = dict(code=code, isolated=isolated, uid=1_000_000 + secrets.randbelow(1_000_000), cpu_s=int(timeout_s) + 1,
-                memory_bytes=memory_mb << 20, max_processes=max_processes, max_file_bytes=max_file_bytes,
-                python=os.path.realpath(sys._base_executable), prefix=os.path.realpath(sys.base_prefix))
+    spec = dict(code=code, isolated=isolated(), uid=1_000_000 + secrets.randbelow(1_000_000),
+                cpu_s=int(timeout_s) + 1, memory_bytes=memory_mb << 20, max_processes=max_processes,
+                max_file_bytes=max_file_bytes, python=os.path.realpath(sys._base_executable),
+                prefix=os.path.realpath(sys.base_prefix))
     for name, text in (('spec', json.dumps(spec)), ('stdin', stdin)):
       with open(paths[name], 'w') as f:
         f.write(text)
@@ -94,11 +97,10 @@ def run(code: str, timeout_s: float = 2.0, memory_mb: int = 256, stdin: str = ''
         returncode, timed_out = proc.wait(timeout=timeout_s), False
       except subprocess.TimeoutExpired:
         proc.terminate()  # the launcher kills the program and returns once its PID namespace is empty
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
           proc.wait(timeout=5)
-        finally:
-          with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the rest of the group (all there is without namespaces)
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(proc.pid, signal.SIGKILL)  # the rest of the group (all there is without namespaces)
         returncode, timed_out = proc.wait(), True
       wall_s = time.monotonic() - start
     out = {name: _read(paths[name], max_output) for name in ('stdout', 'stderr', 'report')}
@@ -108,9 +110,10 @@ def run(code: str, timeout_s: float = 2.0, memory_mb: int = 256, stdin: str = ''
 
 
 @functools.cache
-def _can_isolate() -> bool:
-  """Root with namespaces allowed (a container may deny them to root); otherwise one warning line says so."""
-  probe = 'import os; os.unshare(os.CLONE_NEWNET | os.CLONE_NEWNS | os.CLONE_NEWPID)'
+def isolated() -> bool:
+  """Whether runs here get the namespaces and the uid drop: root, with namespaces allowed (a container may deny
+  them to root). Otherwise one warning line says so, once."""
+  probe = f'import os; os.unshare({_NAMESPACES})'
   if os.geteuid() == 0 and subprocess.run([sys._base_executable, '-I', '-S', '-c', probe],
                                           capture_output=True).returncode == 0:
     return True
@@ -194,12 +197,13 @@ def _libc():
 
 
 def _isolate(spec: dict) -> str:
-  """In the new namespaces, as root: private mounts, fresh /tmp /dev/shm /proc, the interpreter reachable, and the
-  program's directory (returned) owned by its uid."""
+  """In the new namespaces, as root: private mounts, fresh world-writable directories and /proc, the interpreter
+  reachable, and the program's directory (returned) owned by its uid."""
   ms_nosuid, ms_nodev, ms_bind, ms_move, ms_rec, ms_private = 2, 4, 4096, 8192, 16384, 1 << 18
   _mount(None, '/', None, ms_rec | ms_private)
-  for target in ('/tmp', '/dev/shm'):
-    _mount('tmpfs', target, 'tmpfs', ms_nosuid | ms_nodev, 'size=16m,mode=1777')
+  for target in _WORLD_WRITABLE:
+    if os.path.isdir(target):
+      _mount('tmpfs', target, 'tmpfs', ms_nosuid | ms_nodev, 'size=16m,mode=1777')
   _mount('proc', '/proc', 'proc', ms_nosuid | ms_nodev)
   prefix, ancestors = spec['prefix'], []
   path = os.path.dirname(prefix)
@@ -227,7 +231,7 @@ def _launch(spec_path: str, report_fd: int) -> None:
     os.dup2(report_fd, 3)
     os.close(report_fd)
   if spec['isolated']:
-    os.unshare(os.CLONE_NEWNET | os.CLONE_NEWNS | os.CLONE_NEWPID)
+    os.unshare(_NAMESPACES)
   pid = os.fork()
   if pid:
     signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))

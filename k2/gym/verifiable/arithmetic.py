@@ -31,7 +31,7 @@ def _steps(rng: random.Random, level: int) -> tuple[int, list[tuple[str, int]]]:
   """(start, [(op, operand), ...]) with every intermediate value non-negative and every split exact."""
   if level in (1, 2):
     low, high = (1, 9) if level == 1 else (10, 99)
-    start, n = rng.randint(low, high), rng.randint(low, high)
+    start, n = rng.randint(max(low, 2), high), rng.randint(low, high)  # 'has 2 pens' or more: plurals read right
     return start, [('+', n) if rng.random() < 0.5 or n > start else ('-', n)]
   if level == 3:
     value = start = rng.randint(2, 20)
@@ -67,7 +67,7 @@ def generate(rng: random.Random, split: str, level: int) -> Task:
       sentences.append(f'{pronoun} splits them into {n} equal piles and keeps one.')
     else:
       sentences.append(rng.choice(_MORE if op == '+' else _LESS).format(p=pronoun, n=n))
-  sentences.append(f'How many {item} does {name} have now?')
+  sentences.append(f"How many {item} does {name} have now? End with 'Answer: <number>'.")
   value = start
   for op, n in steps:
     value = _apply(value, op, n)

@@ -70,7 +70,7 @@ def generate(rng: random.Random, split: str, level: int) -> Task:
   reference = {}
   exec(solution, reference)  # our own reference code, run in the parent to compute the hidden expected outputs
   cases = [[args, reference['solve'](*args)] for args in make_args(rng)]
-  prompt = f"Write a Python function solve that {text.format(p=param)}."
+  prompt = f'Write a Python function solve that {text.format(p=param)}. Reply with a ```python block.'
   return Task(domain=NAME, split=split, level=level, prompt=prompt, answer='',
               meta={'solution': solution, 'cases': cases}, task_id=task_id(NAME, key))
 

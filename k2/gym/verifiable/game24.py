@@ -58,7 +58,8 @@ def generate(rng: random.Random, split: str, level: int) -> Task:
 
   key, (numbers, solution) = draw(rng, split, sample)
   shown = ' '.join(map(str, rng.sample(numbers, 4)))
-  prompt = f'Make 24 from {shown} using + - * / and parentheses, each number once.'
+  prompt = (f'Make 24 from {shown} using + - * / and parentheses, each number once. '
+            "End with 'Answer: <expression>'.")
   return Task(domain=NAME, split=split, level=level, prompt=prompt, answer=solution, meta={'numbers': numbers},
               task_id=task_id(NAME, key))
 

@@ -63,7 +63,7 @@ def generate(rng: random.Random, split: str, level: int) -> Task:
         return _rows(puzzle), (puzzle, solution)
 
   key, (puzzle, solution) = draw(rng, split, sample)
-  prompt = f'Solve the 4x4 sudoku (rows, . is blank): {_rows(puzzle)}'
+  prompt = f"Fill in the 4x4 sudoku {_rows(puzzle)} (. is blank). End with 'Answer:' and the four rows."
   return Task(domain=NAME, split=split, level=level, prompt=prompt, answer=_rows(solution),
               meta={'puzzle': puzzle}, task_id=task_id(NAME, key))
 
