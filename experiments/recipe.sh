@@ -25,7 +25,8 @@ python -m experiments.sft --gin_file=configs/sft/$SIZE.gin --workdir="$ROOT/sft"
     --gin_bindings="CONVERSATIONS = '$ROOT/synth/judged/accepted-*.jsonl'"
 
 stage "evaluate: held-out tasks, SFT'd vs pretrained only (bank is never in SFT)"
-python -m experiments.eval_agent --checkpoint "$ROOT/sft/model" --out "$ROOT/eval_sft.json" "$@"
+EVAL=(--tasks_per_domain 10 --trials 4 "$@")   # later flags win
+python -m experiments.eval_agent --checkpoint "$ROOT/sft/model" --out "$ROOT/eval_sft.json" "${EVAL[@]}"
 python -m experiments.eval_agent --checkpoint "$ROOT/pretrain/model" --max_positions 2048 \
-    --out "$ROOT/eval_pretrained.json" "$@"
+    --out "$ROOT/eval_pretrained.json" "${EVAL[@]}"
 stage "done"
