@@ -36,7 +36,8 @@ def model_tokenizer(init_from: str | None, path: str | None) -> tokenizer_lib.To
       for name in MODEL_TOKENIZER_FILES:
         if os.path.isfile(os.path.join(directory, name)):
           return tokenizer_lib.load(os.path.join(directory, name))
-  raise ConfigError(f'no tokenizer found with init_from={init_from!r}; set sft.tokenizer_path')
+  raise ConfigError(f'no tokenizer found with init_from={init_from!r} (no such model, or it was saved without one); '
+                    'set the stage\'s tokenizer_path (sft.tokenizer_path, rl.tokenizer_path)')
 
 
 @gin.configurable(denylist=['workdir'])
