@@ -210,29 +210,22 @@ def rl_loss(model: model_lib.Transformer, batch: dict[str, jax.Array], *, tau: f
   PTX also 'ptx_inputs', 'ptx_targets', 'ptx_positions', 'ptx_segment_ids', 'ptx_mask' [B, T]. A dropped group has
   an all-zero mask and equal rewards, so its k1.5 terms are exactly 0 and dividing by the kept responses averages
   over the kept groups. The PTX rows take a forward of their own (the responses' forward stays the one that gave
-  the old log-probs); the model's aux (max logits for QK-Clip, expert loads for balancing) covers both.
+  the old log-probs); the model's aux (max logits for QK-Clip, expert loads for balancing) covers both. The k1.5
+  part and its metrics (kl, log_ratio, abs_log_ratio: 0 at an iteration's first inner step) are rl.k15_loss_fn's.
   """
-  num_prompts, k, _ = batch['mask'].shape
-  logprobs, aux = rl.token_logprobs(model, batch)
-  mask, old = batch['mask'], batch['old_logprobs']
-  count = jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(jnp.float32))
-  loss_sum = rl.k15_loss(logprobs * mask, old, mask, batch['rewards'], tau) * num_prompts * k
-  log_ratio = jax.lax.stop_gradient(rl.sequence_log_ratio(logprobs, old, mask))
-  stats = {'rl_loss': loss_sum / jnp.maximum(count, 1.0),
-           'log_ratio_abs_max': jnp.max(jnp.abs(log_ratio)),  # exactly 0 at an iteration's first inner step
-           # KL(pi_old || pi_theta) per response token (k3 estimator on the sampled tokens)
-           'kl': jnp.sum(rl.kl_estimate(jax.lax.stop_gradient(logprobs), old, mask)) / jnp.maximum(jnp.sum(mask), 1)}
+  loss_sum, count, aux = rl.k15_loss_fn(model, batch, tau=tau)
+  stats = {'rl_loss': loss_sum / jnp.maximum(count, 1.0)}
   if ptx_weight:
     ptx = {key: batch[f'ptx_{key}'] for key in ('inputs', 'targets', 'positions', 'segment_ids', 'mask')}
     ptx_loss_sum, ptx_count, ptx_aux = step_lib.lm_loss(model, ptx)
     ptx_loss = ptx_loss_sum / jnp.maximum(ptx_count, 1.0)
     loss_sum = loss_sum + ptx_weight * ptx_loss * count
-    aux = _combine_model_aux(aux, ptx_aux)
+    aux = {**aux, **_combine_model_aux({k: aux[k] for k in ptx_aux}, ptx_aux)}
     stats['ptx_loss'] = ptx_loss
   return loss_sum, count, {**aux, **stats}
 
 
-LOSS_REDUCTIONS = (('rl_loss', 'mean'), ('log_ratio_abs_max', 'max'), ('kl', 'mean'), ('ptx_loss', 'mean'))
+LOSS_REDUCTIONS = rl.AUX_REDUCTIONS + (('rl_loss', 'mean'), ('ptx_loss', 'mean'))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -438,8 +431,8 @@ def iteration(state: TrainState, sampler: PromptSampler, context: Context) -> tu
       config.ptx_rows * config.seq_len if config.ptx_weight else 0))
   metrics.update({
       'skipped_update': 0.0, 'loss_first_step': float(first['loss']), 'loss': float(last['loss']),
-      'log_ratio_first_step': float(first['log_ratio_abs_max']), 'log_ratio_last_step':
-      float(last['log_ratio_abs_max']), 'kl': float(last['kl']), 'learning_rate': float(last['learning_rate']),
+      'log_ratio_first_step': float(first['abs_log_ratio']), 'log_ratio_last_step':
+      float(last['abs_log_ratio']), 'kl': float(last['kl']), 'learning_rate': float(last['learning_rate']),
       'grad_norm': float(last['grad_norm']), 'max_logit': max(float(m['max_logit']) for m in step_metrics),
       'clipped_heads': sum(float(m['clipped_heads']) for m in step_metrics),
       'expert_load_max_over_mean': float(last['expert_load_max_over_mean']),
