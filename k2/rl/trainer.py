@@ -233,31 +233,66 @@ LOSS_REDUCTIONS = rl.AUX_REDUCTIONS + (('rl_loss', 'mean'), ('ptx_loss', 'mean')
 
 _ROW_KEYS = ('inputs', 'targets', 'positions', 'segment_ids')
 
+def is_agentic(prompt: Prompt) -> bool:
+  """A multi-turn tool-domain prompt (k2.rl.agentic.prompts: domain 'tool/<name>'), sampled as whole episodes."""
+  return prompt.domain.startswith('tool/')
+
+
 @dataclasses.dataclass
 class Episodes:
   """One iteration's samples: prompt_ids [P]; per prompt a list of K responses (token ids, the sampler's log-probs,
-  'stop' or 'length'); rewards [P, K] (after budget control and the critic) with their reasons."""
+  'stop' or 'length'); rewards [P, K] (after budget control and the critic) with their reasons.
+  For an agentic group (k2.rl.agentic) a response is the whole trajectory after the prompt: masks[p] holds its loss
+  mask (1 on sampled ids, 0 on the environment's) and outcomes[p] the environment's (reward, reason) per response;
+  both are None for single-turn groups (every response token sampled, the reward from reward_fn)."""
   prompt_ids: np.ndarray
   tokens: list[list[list[int]]]
   sampler_logprobs: list[list[list[float]]]
   finish_reasons: list[list[str]]
   rewards: np.ndarray | None = None
   reasons: list[list[str]] | None = None
+  masks: list[list[list[int]] | None] | None = None
+  outcomes: list[list[tuple[float, str]] | None] | None = None
 
 
 def sample_episodes(model: model_lib.Transformer, prompts: Sequence[Prompt], prompt_ids: np.ndarray,
                     config: RLConfig, temp: float, stop_tokens: Sequence[int], seed: int, mesh=None,
-                    in_flight: Sequence[dict] = ()) -> tuple[Episodes, list[dict]]:
+                    in_flight: Sequence[dict] = (), agentic=None) -> tuple[Episodes, list[dict]]:
   """K responses to each new prompt, and the unfinished responses of the groups `in_flight` continued from where
   they stopped, from `model` (the live parameters) by continuous batching. Returns (the complete groups, the groups
   still unfinished). A group is {'prompt_id', 'tokens', 'logprobs', 'finish'} with K lists each and finish None
-  while a response is unfinished; without partial rollout (rollout_segment_tokens 0) every group completes."""
-  k, segment = config.samples_per_prompt, config.rollout_segment_tokens
+  while a response is unfinished; without partial rollout (rollout_segment_tokens 0) every group completes.
+  Agentic prompts (`is_agentic`) are played as whole episodes by `agentic` (a k2.rl.agentic.EpisodeSampler) and
+  always complete within the iteration (partial rollout covers single-turn prompts)."""
+  k = config.samples_per_prompt
+  tool_ids = [int(i) for i in prompt_ids if is_agentic(prompts[i])]
+  if tool_ids and agentic is None:
+    raise ConfigError('agentic (tool-domain) prompts need an episode sampler (k2.rl.agentic.EpisodeSampler)')
   groups = [{key: (value if key == 'prompt_id' else [list(v) if isinstance(v, list) else v for v in value])
              for key, value in g.items()} for g in in_flight]
   groups += [{'prompt_id': int(i), 'tokens': [[] for _ in range(k)], 'logprobs': [[] for _ in range(k)],
-              'finish': [None] * k} for i in prompt_ids]
+              'finish': [None] * k} for i in prompt_ids if not is_agentic(prompts[i])]
   jobs = [(g, r) for g in groups for r in range(k) if g['finish'][r] is None]
+  if jobs:
+    _continue(model, prompts, jobs, config, temp, stop_tokens, seed, mesh)
+  if tool_ids:
+    for i, trajectories in zip(tool_ids, agentic(model, prompts, tool_ids, k, temp, seed, config.num_slots, mesh)):
+      groups.append({'prompt_id': i, 'tokens': [t.tokens for t in trajectories],
+                     'logprobs': [t.logprobs for t in trajectories], 'finish': [t.finish for t in trajectories],
+                     'mask': [t.mask for t in trajectories],
+                     'outcome': [(t.reward, t.reason) for t in trajectories]})
+  complete = [g for g in groups if None not in g['finish']]
+  episodes = Episodes(prompt_ids=np.asarray([g['prompt_id'] for g in complete], np.int64),
+                      tokens=[g['tokens'] for g in complete], sampler_logprobs=[g['logprobs'] for g in complete],
+                      finish_reasons=[g['finish'] for g in complete], masks=[g.get('mask') for g in complete],
+                      outcomes=[g.get('outcome') for g in complete])
+  return episodes, [g for g in groups if None in g['finish']]
+
+
+def _continue(model: model_lib.Transformer, prompts: Sequence[Prompt], jobs: list[tuple[dict, int]],
+              config: RLConfig, temp: float, stop_tokens: Sequence[int], seed: int, mesh) -> None:
+  """Samples (a segment of) each job's response (group, index) in place, by continuous batching."""
+  segment = config.rollout_segment_tokens
   remaining = [prompts[g['prompt_id']].max_new_tokens - len(g['tokens'][r]) for g, r in jobs]
   result = engine.rollout(model, [prompts[g['prompt_id']].tokens + tuple(g['tokens'][r]) for g, r in jobs],
                           [min(n, segment) if segment else n for n in remaining], num_slots=config.num_slots,
@@ -267,25 +302,22 @@ def sample_episodes(model: model_lib.Transformer, prompts: Sequence[Prompt], pro
     g['tokens'][r] += tokens
     g['logprobs'][r] += logprobs
     g['finish'][r] = 'stop' if finish == 'stop' else 'length' if len(tokens) >= n else None
-  complete = [g for g in groups if None not in g['finish']]
-  episodes = Episodes(prompt_ids=np.asarray([g['prompt_id'] for g in complete], np.int64),
-                      tokens=[g['tokens'] for g in complete], sampler_logprobs=[g['logprobs'] for g in complete],
-                      finish_reasons=[g['finish'] for g in complete])
-  return episodes, [g for g in groups if None in g['finish']]
 
 
 def score_episodes(episodes: Episodes, prompts: Sequence[Prompt], reward_fn: RewardFn, config: RLConfig) -> None:
-  """Sets episodes.rewards [P, K] and reasons: reward_fn's value, or truncation_penalty where the response hit its
-  budget (budget control: it stays in the loss with that reward)."""
+  """Sets episodes.rewards [P, K] and reasons: reward_fn's value (an agentic episode's: the environment's), or
+  truncation_penalty where the response hit its budget (budget control: it stays in the loss with that reward)."""
   rewards, reasons = [], []
-  for prompt_id, responses, finishes in zip(episodes.prompt_ids, episodes.tokens, episodes.finish_reasons):
+  outcomes = episodes.outcomes or [None] * len(episodes.prompt_ids)
+  for prompt_id, responses, finishes, outcome in zip(episodes.prompt_ids, episodes.tokens, episodes.finish_reasons,
+                                                      outcomes):
     row, why = [], []
-    for response, finish in zip(responses, finishes):
+    for i, (response, finish) in enumerate(zip(responses, finishes)):
       if finish == 'length':
         row.append(config.truncation_penalty)
         why.append('truncated at the token budget')
       else:
-        value, reason = reward_fn(prompts[prompt_id], response)
+        value, reason = outcome[i] if outcome is not None else reward_fn(prompts[prompt_id], response)
         row.append(float(value))
         why.append(reason)
     rewards.append(row)
@@ -301,7 +333,8 @@ def kept_groups(rewards: np.ndarray) -> np.ndarray:
 def episode_batch(episodes: Episodes, prompts: Sequence[Prompt], kept: np.ndarray, seq_len: int,
                   num_prompts: int | None = None) -> dict:
   """The update's [P, K, seq_len] rows: prompt + sampled response ids shifted into inputs/targets, the mask on the
-  response targets of kept groups, the sampler's log-probs on the same positions, rewards [P, K].
+  response targets of kept groups (of an agentic trajectory: on its sampled ids only), the sampler's log-probs on
+  the same positions, rewards [P, K].
   num_prompts: P, padded with empty groups (mask 0, reward 0) past the episodes' groups (one compiled shape)."""
   num_groups, k = episodes.rewards.shape
   num_prompts = num_prompts or num_groups
@@ -309,6 +342,7 @@ def episode_batch(episodes: Episodes, prompts: Sequence[Prompt], kept: np.ndarra
   batch = {key: np.zeros(shape, np.int32) for key in _ROW_KEYS}
   batch['mask'] = np.zeros(shape, np.float32)
   batch['sampler_logprobs'] = np.zeros(shape, np.float32)
+  masks = episodes.masks or [None] * num_groups
   for p, prompt_id in enumerate(episodes.prompt_ids):
     prompt = list(prompts[prompt_id].tokens)
     for i, response in enumerate(episodes.tokens[p]):
@@ -322,7 +356,8 @@ def episode_batch(episodes: Episodes, prompts: Sequence[Prompt], kept: np.ndarra
       batch['positions'][p, i, :n] = np.arange(n)
       batch['segment_ids'][p, i, :n] = 1
       response_targets = slice(len(prompt) - 1, n)  # target j is token j + 1: the response starts at len(prompt)
-      batch['mask'][p, i, response_targets] = float(kept[p])
+      on_response = 1.0 if masks[p] is None else np.asarray(masks[p][i], np.float32)
+      batch['mask'][p, i, response_targets] = float(kept[p]) * on_response
       batch['sampler_logprobs'][p, i, response_targets] = episodes.sampler_logprobs[p][i]
   batch['rewards'] = np.zeros((num_prompts, k), np.float32)
   batch['rewards'][:num_groups] = episodes.rewards
@@ -340,7 +375,15 @@ def episode_metrics(episodes: Episodes, prompts: Sequence[Prompt], config: RLCon
   domains = np.asarray([prompts[i].domain for i in episodes.prompt_ids])
   for domain in sorted(set(domains)):
     metrics[f'reward/{domain}'] = float(episodes.rewards[domains == domain].mean())
+    metrics[f'pass@1/{domain}'] = float(passed[domains == domain].mean())
   return metrics
+
+
+def sampled_tokens(episodes: Episodes) -> int:
+  """Tokens the policy generated (an agentic trajectory's environment tokens not counted)."""
+  masks = episodes.masks or [None] * len(episodes.tokens)
+  return sum(len(r) if mask is None else sum(mask[i]) for group, mask in zip(episodes.tokens, masks)
+             for i, r in enumerate(group))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,7 +392,7 @@ def episode_metrics(episodes: Episodes, prompts: Sequence[Prompt], config: RLCon
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What stays fixed over a run: the prompts, the reward, the step's setup, the mesh, the stop tokens, the seed,
-  and the optional critic (k2.rl.critic.Critic) and PTX batches."""
+  and the optional critic (k2.rl.critic.Critic), PTX batches and agentic episode sampler (k2.rl.agentic)."""
   prompts: Sequence[Prompt]
   reward_fn: RewardFn
   setup: StepSetup
@@ -359,6 +402,7 @@ class Context:
   seed: int = 0
   critic: Any = None
   ptx_batches: Iterator | None = None
+  agentic: Any = None
 
 
 def live_model(state: TrainState, setup: StepSetup) -> model_lib.Transformer:
@@ -376,7 +420,8 @@ def iteration(state: TrainState, sampler: PromptSampler, context: Context) -> tu
   resumed = len(sampler.in_flight)
   episodes, sampler.in_flight = sample_episodes(
       live_model(state, setup), context.prompts, prompt_ids, config, temp, context.stop_tokens,
-      seed=(context.seed * 1_000_003 + number) % 2 ** 31, mesh=context.mesh, in_flight=sampler.in_flight)
+      seed=(context.seed * 1_000_003 + number) % 2 ** 31, mesh=context.mesh, in_flight=sampler.in_flight,
+      agentic=context.agentic)
   rollout_seconds = time.time() - start
   partial = {'groups_resumed': resumed, 'groups_in_flight': len(sampler.in_flight)}
   if not len(episodes.prompt_ids):  # every group is still being generated (partial rollout)
@@ -394,7 +439,7 @@ def iteration(state: TrainState, sampler: PromptSampler, context: Context) -> tu
   kept = kept_groups(episodes.rewards)
   batch = episode_batch(episodes, context.prompts, kept, config.seq_len, config.prompts_per_iteration)
   sampler_logprobs = batch.pop('sampler_logprobs')
-  generated = sum(len(r) for g in episodes.tokens for r in g)
+  generated = sampled_tokens(episodes)
   metrics.update({**partial, 'temperature': temp, 'degenerate_group_fraction': float(1 - kept.mean()),
                   'rollout_seconds': rollout_seconds, 'rollout_tokens_per_second': generated / rollout_seconds})
 
@@ -444,20 +489,29 @@ def iteration(state: TrainState, sampler: PromptSampler, context: Context) -> tu
 
 def evaluate(model: model_lib.Transformer, prompts: Sequence[Prompt], reward_fn: RewardFn, *, samples: int,
              temperature: float, stop_tokens: Sequence[int], pass_threshold: float = 1.0, seed: int = 0,
-             num_slots: int = 64, mesh=None) -> dict[str, float]:
-  """Held-out quality of `model`: sampled pass@1 (mean over `samples` responses per prompt at `temperature`), greedy
-  accuracy, mean reward, truncation rate and response length of the sampled responses. Budgets as in training."""
+             num_slots: int = 64, mesh=None, agentic=None) -> dict[str, float]:
+  """Held-out quality of `model`: sampled pass@1 (mean over `samples` responses per prompt at `temperature`; also
+  per domain), greedy accuracy, mean reward, truncation rate and response length of the sampled responses. Budgets
+  as in training; agentic prompts are played as episodes by `agentic` (k2.rl.agentic.EpisodeSampler)."""
   config = RLConfig(samples_per_prompt=samples, num_slots=num_slots, pass_threshold=pass_threshold)
   ids = np.arange(len(prompts))
-  sampled, _ = sample_episodes(model, prompts, ids, config, temperature, stop_tokens, seed, mesh)
+  sampled, _ = sample_episodes(model, prompts, ids, config, temperature, stop_tokens, seed, mesh, agentic=agentic)
   score_episodes(sampled, prompts, reward_fn, config)
-  greedy = engine.rollout(model, [p.tokens for p in prompts], [p.max_new_tokens for p in prompts],
-                          num_slots=num_slots, temperature=0.0, stop_tokens=list(stop_tokens), mesh=mesh)
-  greedy_pass = [finish == 'stop' and reward_fn(prompt, tokens)[0] >= pass_threshold
-                 for prompt, tokens, finish in zip(prompts, greedy.tokens, greedy.finish_reasons)]
+  single = [i for i in ids if not is_agentic(prompts[i])]
+  tool = [int(i) for i in ids if is_agentic(prompts[i])]
+  greedy_pass = []
+  if single:
+    greedy = engine.rollout(model, [prompts[i].tokens for i in single], [prompts[i].max_new_tokens for i in single],
+                            num_slots=num_slots, temperature=0.0, stop_tokens=list(stop_tokens), mesh=mesh)
+    greedy_pass += [finish == 'stop' and reward_fn(prompts[i], tokens)[0] >= pass_threshold
+                    for i, tokens, finish in zip(single, greedy.tokens, greedy.finish_reasons)]
+  if tool:
+    greedy_pass += [group[0].finish == 'stop' and group[0].reward >= pass_threshold
+                    for group in agentic(model, prompts, tool, 1, 0.0, seed, num_slots, mesh)]
   metrics = episode_metrics(sampled, prompts, config)
   return {'pass@1': metrics['pass@1'], 'greedy_accuracy': float(np.mean(greedy_pass)), 'reward': metrics['reward'],
-          'truncation_rate': metrics['truncation_rate'], 'response_length_mean': metrics['response_length_mean']}
+          'truncation_rate': metrics['truncation_rate'], 'response_length_mean': metrics['response_length_mean'],
+          **{k: v for k, v in metrics.items() if k.startswith('pass@1/')}}
 
 
 def write_episodes(path: str, episodes: Episodes, prompts: Sequence[Prompt]) -> None:
@@ -505,13 +559,13 @@ def make_setup(graphdef: nnx.GraphDef, model_config: ModelConfig, config: RLConf
 def train(workdir: str, *, model_config: ModelConfig, config: RLConfig, prompts: Sequence[Prompt],
           reward_fn: RewardFn, stop_tokens: Sequence[int], num_iterations: int, learning_rate: float,
           optimizer: optax.GradientTransformation, mesh, seed: int = 0, init_from: str | None = None,
-          critic=None, ptx_batches=None, checkpoint_every: int = 10, keep_checkpoints: int = 3,
+          critic=None, ptx_batches=None, agentic=None, checkpoint_every: int = 10, keep_checkpoints: int = 3,
           evaluate: Callable[[model_lib.Transformer], dict] | None = None, eval_every: int = 0,
           qk_clip_tau: float | None = 100.0, bias_update_rate: float = 1e-3,
           on_iteration: Callable[[int, dict], None] | None = None) -> tuple[model_lib.Transformer, dict]:
   """Runs (or resumes) RL to `num_iterations`; returns (the trained model, the last metrics). The model starts
   from `init_from` (an SFT or pretraining workdir, a model export, an HF directory) unless the workdir has its own
-  checkpoint.
+  checkpoint. agentic: the episode sampler of tool-domain prompts (k2.rl.agentic.EpisodeSampler).
   evaluate(model) -> metrics runs every eval_every iterations (0: never) and at the end, on the live model.
   on_iteration(iteration, metrics) is called after each iteration's metrics are written."""
   if config.ptx_weight and ptx_batches is None:
@@ -540,7 +594,7 @@ def train(workdir: str, *, model_config: ModelConfig, config: RLConfig, prompts:
   if start:
     print(f'resumed from {workdir}/checkpoints/{start} (prompt sampler at iteration {sampler.iteration})', flush=True)
   context = Context(prompts=prompts, reward_fn=reward_fn, setup=setup, config=config, stop_tokens=tuple(stop_tokens),
-                    mesh=mesh, seed=seed, critic=critic, ptx_batches=ptx_batches)
+                    mesh=mesh, seed=seed, critic=critic, ptx_batches=ptx_batches, agentic=agentic)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start) if lead else metrics_lib.NullWriter()
   record: dict[str, float] = {}
   try:

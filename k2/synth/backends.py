@@ -187,9 +187,9 @@ class ModelBackend:
   evaluation or an RL iteration together); `agent` serves one episode at a time (synthesis, k2.gym.run_episode)."""
 
   def __init__(self, model, tokenizer, *, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
-               num_slots: int = 64, max_positions: int | None = None, name: str = 'model'):
+               num_slots: int = 64, max_positions: int | None = None, name: str = 'model', mesh=None):
     chat.check_tokenizer(tokenizer)
-    self.model, self.tokenizer, self.name = model, tokenizer, name
+    self.model, self.tokenizer, self.name, self.mesh = model, tokenizer, name, mesh
     self.temperature, self.top_p, self.max_new_tokens, self.num_slots = temperature, top_p, max_new_tokens, num_slots
     self.im_end = tokenizer.special_tokens[chat.template.IM_END]
     # max_positions may exceed the config's: RoPE has no parameters (a model pretrained shorter can be given more).
@@ -199,24 +199,30 @@ class ModelBackend:
                      seed: int) -> list[Completion | ContextOverflow]:
     """conversations: (history, tools) pairs. One Completion each, or a ContextOverflow for one whose prompt leaves
     no room to answer (returned, not raised, so the other conversations go on)."""
-    from k2 import sample  # noqa: PLC0415 (JAX and the model load only for this backend, not for scripted synthesis)
     prompts = [chat.render(history, self.tokenizer, tools=tools, add_generation_prompt=True).tokens
                for history, tools in conversations]
+    return self.complete_tokens(prompts, [self.max_new_tokens] * len(prompts), seed)
+
+  def complete_tokens(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
+                      seed: int) -> list[Completion | ContextOverflow]:
+    """complete_batch on prompts already rendered (RL's multi-turn episodes extend their own token rows, never
+    re-encoding what was sampled); budgets: the most tokens each may sample, cut to the positions left."""
+    from k2 import sample  # noqa: PLC0415 (JAX and the model load only for this backend, not for scripted synthesis)
     out: list[Completion | ContextOverflow] = [
         ContextOverflow(f'the conversation is {len(p)} tokens; the model has {self.max_positions} positions')
         for p in prompts]
     live = [i for i, p in enumerate(prompts) if len(p) < self.max_positions]
     if live:
-      budgets = [min(self.max_new_tokens, self.max_positions - len(prompts[i])) for i in live]
+      budgets = [min(budgets[i], self.max_positions - len(prompts[i])) for i in live]
       # Padded to a power-of-two count with one-token dummies (budget 1), so that as episodes end the engine
       # compiles for a few batch sizes, not one per count.
       pad = min(self.num_slots, 1 << (len(live) - 1).bit_length()) - len(live)
       result = sample.engine.rollout(
-          self.model, [prompts[i] for i in live] + [[self.im_end]] * max(pad, 0), budgets + [1] * max(pad, 0),
+          self.model, [list(prompts[i]) for i in live] + [[self.im_end]] * max(pad, 0), budgets + [1] * max(pad, 0),
           num_slots=self.num_slots, temperature=self.temperature, top_p=self.top_p, stop_tokens=[self.im_end],
-          seed=seed)
+          seed=seed, mesh=self.mesh)
       for j, i in enumerate(live):
-        out[i] = Completion(chat.decode(result.tokens[j], self.tokenizer), prompts[i], result.tokens[j],
+        out[i] = Completion(chat.decode(result.tokens[j], self.tokenizer), list(prompts[i]), result.tokens[j],
                             result.logprobs[j], result.finish_reasons[j])
     return out
 
