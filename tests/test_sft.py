@@ -66,6 +66,16 @@ def test_bad_conversation_files_are_one_line_errors(tmp_path):
     conversations_lib.read(str(tmp_path / 'none*.jsonl'))
 
 
+def test_several_sources_are_read_once_each(tmp_path):
+  line = lambda text: json.dumps({'messages': [{'role': 'user', 'content': 'q'},  # noqa: E731
+                                               {'role': 'assistant', 'content': text}]}) + '\n'
+  (tmp_path / 'a-1.jsonl').write_text(line('a1'))
+  (tmp_path / 'a-2.jsonl').write_text(line('a2') + line('a3'))
+  (tmp_path / 'b.jsonl').write_text(line('b'))
+  read = conversations_lib.read(f'{tmp_path}/a-*.jsonl, {tmp_path}/b.jsonl,{tmp_path}/a-1.jsonl')
+  assert sorted(c['messages'][-1].content for c in read) == ['a1', 'a2', 'a3', 'b']
+
+
 def test_sft_from_a_pretraining_run_lowers_the_held_out_assistant_loss(tmp_path):
   pretrained = tmp_path / 'pretrain'
   run_in_process(pretrained, 'NUM_STEPS = 30', 'train.sample_tokens = 0', 'EVAL_EVERY = 100')

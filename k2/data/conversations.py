@@ -29,8 +29,9 @@ from k2.data.pipeline import Batches
 
 
 def read(pattern: str) -> list[dict]:
-  """The conversations of the JSONL files matching `pattern`; ConfigError naming the file and line of a bad one."""
-  paths = sorted(glob.glob(os.path.expanduser(pattern)))
+  """The conversations of the JSONL files matching `pattern` (globs, comma-separated for several sources);
+  ConfigError naming the file and line of a bad one."""
+  paths = sorted({path for part in pattern.split(',') for path in glob.glob(os.path.expanduser(part.strip()))})
   if not paths:
     raise ConfigError(f'conversations {pattern!r}: no such file')
   conversations = []
