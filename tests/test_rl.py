@@ -186,7 +186,7 @@ def episodes_of(workdir):
 @pytest.mark.parametrize('segment', [0, 4])  # without and with partial rollout (groups carried over iterations)
 def test_a_run_killed_mid_iteration_resumes_with_the_same_prompts_and_episodes(tmp_path, segment):
   config = rl_config(rollout_segment_tokens=segment)
-  straight, _ = run_training(tmp_path / 'straight', 4, config=config)
+  straight, _, _ = run_training(tmp_path / 'straight', 4, config=config)
 
   class Killed(Exception):
     pass
@@ -202,11 +202,24 @@ def test_a_run_killed_mid_iteration_resumes_with_the_same_prompts_and_episodes(t
     run_training(tmp_path / 'killed', 4, reward_fn=dies_in_iteration_3, config=config,
                  on_iteration=lambda number, record: finished.update(iterations=number))
   assert sorted(os.listdir(tmp_path / 'killed' / 'episodes')) == ['1.jsonl', '2.jsonl']
-  resumed, _ = run_training(tmp_path / 'killed', 4, config=config)
+  resumed, _, _ = run_training(tmp_path / 'killed', 4, config=config)
   assert episodes_of(tmp_path / 'straight') == episodes_of(tmp_path / 'killed')  # same prompts, same samples
   jax.tree.map(np.testing.assert_allclose, jax.device_get(nnx.state(straight)), jax.device_get(nnx.state(resumed)))
   steps = [json.loads(line)['step'] for line in open(tmp_path / 'killed' / 'metrics.jsonl')]
   assert steps == [1, 2, 3, 4]
+
+
+def test_sigterm_saves_the_iteration_in_flight_and_the_rerun_goes_on(tmp_path):
+  import signal
+  _, _, preempted = run_training(tmp_path / 'straight', 3)
+  assert not preempted
+  handler = signal.getsignal(signal.SIGTERM)
+  terminate = lambda number, record: number == 1 and os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731
+  _, _, preempted = run_training(tmp_path / 'stopped', 3, on_iteration=terminate)
+  assert preempted and sorted(os.listdir(tmp_path / 'stopped' / 'episodes')) == ['1.jsonl']
+  assert signal.getsignal(signal.SIGTERM) == handler  # the run's handler is put back
+  _, _, preempted = run_training(tmp_path / 'stopped', 3)
+  assert not preempted and episodes_of(tmp_path / 'straight') == episodes_of(tmp_path / 'stopped')
 
 
 

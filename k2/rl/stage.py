@@ -6,7 +6,8 @@ its tokenizer.
     rl(workdir)      # python -m experiments.rl --gin_file=configs/rl/tiny.gin --workdir=/tmp/k2_rl
 
 The run starts from `rl.init_from` (an SFT or pretraining workdir, or a model export; its tokenizer is the model's
-own) and resumes from the workdir's own checkpoint when there is one (k2.rl.trainer.train).
+own) and resumes from the workdir's own checkpoint when there is one (k2.rl.trainer.train); SIGTERM saves the
+iteration in flight and stops without exporting.
 """
 
 from __future__ import annotations
@@ -92,13 +93,13 @@ def rl(workdir: str, model_config: ModelConfig = gin.REQUIRED, config: trainer.R
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'operative_config.gin'), 'w') as f:
       f.write(gin.operative_config_str())
-  model, record = trainer.train(
+  model, record, preempted = trainer.train(
       workdir, model_config=model_config, config=config, prompts=train_prompts, reward_fn=reward_fn,
       stop_tokens=stop_tokens, num_iterations=num_iterations, learning_rate=learning_rate,
       optimizer=recipe.optimizer(learning_rate), mesh=run_mesh, seed=seed, init_from=init_from,
       critic=critic_lib.Critic(tok) if config.critic_weight else None, ptx_batches=ptx_batches, agentic=agentic,
       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, evaluate=evaluate,
       eval_every=eval_every, qk_clip_tau=qk_clip_tau, bias_update_rate=bias_update_rate)
-  if jax.process_count() == 1:
+  if jax.process_count() == 1 and not preempted:
     recipe.export_model(model, os.path.join(workdir, 'model'), tok.path)
   return record

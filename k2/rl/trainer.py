@@ -562,8 +562,9 @@ def train(workdir: str, *, model_config: ModelConfig, config: RLConfig, prompts:
           critic=None, ptx_batches=None, agentic=None, checkpoint_every: int = 10, keep_checkpoints: int = 3,
           evaluate: Callable[[model_lib.Transformer], dict] | None = None, eval_every: int = 0,
           qk_clip_tau: float | None = 100.0, bias_update_rate: float = 1e-3,
-          on_iteration: Callable[[int, dict], None] | None = None) -> tuple[model_lib.Transformer, dict]:
-  """Runs (or resumes) RL to `num_iterations`; returns (the trained model, the last metrics). The model starts
+          on_iteration: Callable[[int, dict], None] | None = None) -> tuple[model_lib.Transformer, dict, bool]:
+  """Runs (or resumes) RL to `num_iterations`; returns (the trained model, the last metrics, preempted). SIGTERM
+  (preemption) ends the run after the iteration in flight, saved, and returns preempted True. The model starts
   from `init_from` (an SFT or pretraining workdir, a model export, an HF directory) unless the workdir has its own
   checkpoint. agentic: the episode sampler of tool-domain prompts (k2.rl.agentic.EpisodeSampler).
   evaluate(model) -> metrics runs every eval_every iterations (0: never) and at the end, on the live model.
@@ -597,6 +598,7 @@ def train(workdir: str, *, model_config: ModelConfig, config: RLConfig, prompts:
                     mesh=mesh, seed=seed, critic=critic, ptx_batches=ptx_batches, agentic=agentic)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start) if lead else metrics_lib.NullWriter()
   record: dict[str, float] = {}
+  preemption, preempted = loop.Preemption(), False
   try:
     if evaluate is not None and start == 0:  # the starting point, as iteration 0
       record = {f'eval_{k}': v for k, v in evaluate(live_model(state, setup)).items()}
@@ -613,14 +615,21 @@ def train(workdir: str, *, model_config: ModelConfig, config: RLConfig, prompts:
         write_episodes(os.path.join(workdir, 'episodes', f'{number}.jsonl'), episodes, prompts)
         writer.write(number, record)
         print(progress_line(number, num_iterations, record), flush=True)
-      checkpointer.save(number, state, data_state, model_config, force=number == num_iterations)
+      checkpointer.save(number, state, data_state, model_config,
+                        force=number == num_iterations or preemption.requested)
       if on_iteration is not None:
         on_iteration(number, record)
+      if preemption.requested:
+        print(f'preempted: saved iteration {number} to {workdir}/checkpoints; rerun the same command to resume',
+              flush=True)
+        preempted = True
+        break
     checkpointer.wait()
   finally:
+    preemption.restore()
     writer.close()
     checkpointer.close()
-  return live_model(state, setup), record
+  return live_model(state, setup), record, preempted
 
 
 _PROGRESS = (('reward', 'reward {:+.3f}'), ('pass@1', 'pass@1 {:.3f}'), ('truncation_rate', 'trunc {:.3f}'),

@@ -133,7 +133,7 @@ def _model_from_train_checkpoint(path: str, config: ModelConfig) -> model_lib.Tr
   return nnx.merge(graphdef, params, buffers)
 
 
-class _Preemption:
+class Preemption:
   """Turns SIGTERM into a flag the loop checks after every step."""
 
   def __init__(self):
@@ -191,7 +191,7 @@ def run(workdir: str, state: TrainState, setup: StepSetup, batches: Iterator[dic
   if start_step:
     print(f'resumed from {checkpoint_dir}/{start_step}', flush=True)
   writer = metrics_lib.MetricWriter(workdir, resume_step=start_step) if lead else metrics_lib.NullWriter()
-  preemption = _Preemption()
+  preemption = Preemption()
   record: dict[str, float] = {}
   timer = metrics_lib.StepTimer(start_step, config.num_steps)
   preempted = False
