@@ -109,6 +109,30 @@ def test_dropped_groups_do_not_change_the_loss():
   np.testing.assert_allclose(float(loss_sum) / float(count), float(kept_sum) / float(kept_count), rtol=1e-5)
 
 
+def test_accumulated_update_equals_the_whole_batch_update():
+  """grad_accum_steps splits an update's groups into micro-batches: the same loss and gradient."""
+  from k2.train import step as step_lib
+  whole, accumulated = rl_config(), rl_config(grad_accum_steps=2)
+  setup, state = setup_and_state(whole)
+  state, _, episodes = trainer.iteration(state, trainer.PromptSampler(12, seed=0), context(setup, whole))
+  batch = trainer.episode_batch(episodes, make_prompts(), trainer.kept_groups(episodes.rewards), whole.seq_len,
+                                whole.prompts_per_iteration)
+  batch.pop('sampler_logprobs')
+  batch['old_logprobs'] = trainer.old_logprobs(setup.graphdef, state.params, state.buffers, batch)
+  outcomes = []
+  for config in (whole, accumulated):
+    step_setup = trainer.make_setup(setup.graphdef, CONFIG, config, 3e-3, OPTIMIZER)
+    loss, grads, _ = jax.jit(step_lib._gradients, static_argnums=2)(state, batch, step_setup)
+    outcomes.append((float(loss), jax.device_get(grads)))
+  (loss_a, grads_a), (loss_b, grads_b) = outcomes
+  assert loss_a != 0.0
+  np.testing.assert_allclose(loss_b, loss_a, rtol=1e-5)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_a))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * scale), grads_a, grads_b)
+  with pytest.raises(Exception, match='must divide prompts_per_iteration'):
+    rl_config(grad_accum_steps=3)
+
+
 def test_truncated_responses_are_penalized_and_kept_in_the_loss():
   config = rl_config(truncation_penalty=-0.5)
   setup, state = setup_and_state(config)

@@ -73,6 +73,7 @@ class RLConfig:
   prompts_per_iteration: int = 8
   samples_per_prompt: int = 8          # K
   inner_steps: int = 2                 # optimizer steps per iteration on the same episodes
+  grad_accum_steps: int = 1            # an update's groups in this many micro-batches (memory), one optimizer step
   tau: float = 0.5                     # k1.5's trust region: one iteration moves log-ratios by about (r - rbar) / tau
   seq_len: int = 256                   # rows of the update: prompt + response, padded
   reset_optimizer: bool = True         # fresh optimizer state at each iteration start (k1.5)
@@ -94,6 +95,10 @@ class RLConfig:
     if self.prompts_per_iteration < 1 or self.samples_per_prompt < 2:
       raise ConfigError(f'RL needs prompts_per_iteration >= 1 and samples_per_prompt >= 2 (a group baseline), got '
                         f'{self.prompts_per_iteration} and {self.samples_per_prompt}')
+    if self.grad_accum_steps < 1 or self.prompts_per_iteration % self.grad_accum_steps or (
+        self.ptx_weight and self.ptx_rows % self.grad_accum_steps):
+      raise ConfigError(f'grad_accum_steps={self.grad_accum_steps} must divide prompts_per_iteration='
+                        f'{self.prompts_per_iteration} (and ptx_rows={self.ptx_rows} with PTX)')
     if self.inner_steps < 1 or self.tau <= 0:
       raise ConfigError(f'inner_steps must be >= 1 and tau > 0, got {self.inner_steps} and {self.tau}')
     if not 0 < self.temperature_end <= self.temperature_start:
@@ -553,7 +558,8 @@ def make_setup(graphdef: nnx.GraphDef, model_config: ModelConfig, config: RLConf
   balancing) exactly as pretraining. `optimizer` is built on the same constant rate (recipe.optimizer(rate))."""
   return StepSetup(graphdef=graphdef, model_config=model_config, optimizer=optimizer,
                    schedule=_ConstantRate(learning_rate), qk_clip_tau=qk_clip_tau, bias_update_rate=bias_update_rate,
-                   loss_fn=_RLLoss(config.tau, config.ptx_weight), aux_reductions=LOSS_REDUCTIONS)
+                   grad_accum_steps=config.grad_accum_steps, loss_fn=_RLLoss(config.tau, config.ptx_weight),
+                   aux_reductions=LOSS_REDUCTIONS)
 
 
 def train(workdir: str, *, model_config: ModelConfig, config: RLConfig, prompts: Sequence[Prompt],
