@@ -39,6 +39,8 @@ _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 256, 'Token budget of one assi
 _MAX_POSITIONS = flags.DEFINE_integer('max_positions', None, "Context the checkpoint may use (default its config's; "
                                       'RoPE has no parameters, so a model pretrained shorter can be given more).')
 _SLOTS = flags.DEFINE_integer('num_slots', 64, 'Sequences decoded together (continuous batching).')
+_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+                           "The checkpoint's parameters and compute (bfloat16 on a GPU).")
 _OUT = flags.DEFINE_string('out', None, 'Write the JSON report here.')
 
 
@@ -51,7 +53,7 @@ def _responder_for():
         [backend.agent(task, env.tool_specs, seed) for env, task, seed in zip(envs, tasks, seeds)]),
             f'{_MODEL.value} at {_BASE_URL.value}')
   from k2 import serve  # noqa: PLC0415
-  model, tokenizer = serve.load(_CHECKPOINT.value, _TOKENIZER.value)
+  model, tokenizer = serve.load(_CHECKPOINT.value, _TOKENIZER.value, dtype=_DTYPE.value)
   backend = synth.ModelBackend(model, tokenizer, temperature=_TEMPERATURE.value, max_new_tokens=_MAX_NEW.value,
                                num_slots=_SLOTS.value, max_positions=_MAX_POSITIONS.value)
   return (lambda envs, tasks, seeds: model_responder(backend, [env.tool_specs for env in envs], _SEED.value),

@@ -59,7 +59,8 @@ class BlockSizes:
         11% faster than 64 x 64, which spills its 64 x 320 float32 accumulators);
       dQ 128 x 64 tiles, 8 warps (64 x 64 with 4 warps: the same time).
     The forward's pipelining depth is cut when its q tile and `num_stages` k/v tiles would not fit in 220 KiB
-    of shared memory (larger head dims or float32 inputs).
+    of shared memory (larger head dims or float32 inputs). Float32 inputs hold the q tile twice: on an H100
+    (2026-12-07) qk 96 / v 64 float32 at 4 stages asked for 262,144 bytes, which is that count exactly.
     """
     if backend == HOPPER:
       # Two compute warpgroups of 64 rows per program; a two-slot ring of streamed tiles. 128-key forward tiles
@@ -72,7 +73,9 @@ class BlockSizes:
     blocks = cls()
     if qk_dim > 128:
       blocks = dataclasses.replace(blocks, block_k_dkv=128, num_warps_dkv=8)
-    forward_bytes = lambda stages: (blocks.block_q * qk_dim + stages * blocks.block_k * (qk_dim + v_dim)) * itemsize
+    q_copies = 2 if itemsize == 4 else 1
+    forward_bytes = lambda stages: (q_copies * blocks.block_q * qk_dim
+                                    + stages * blocks.block_k * (qk_dim + v_dim)) * itemsize
     stages = blocks.num_stages
     while stages > 1 and forward_bytes(stages) > 220 * 1024:
       stages -= 1
