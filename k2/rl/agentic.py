@@ -123,12 +123,13 @@ class EpisodeSampler:
         asked.append(i)
         budgets.append(min(self.turn_tokens, left))
       completions = backend.complete_tokens([rows[i] for i in asked], budgets, seed=seed * 7919 + turn[0])
-      for i, history, completion in zip(asked, [histories[indices.index(i)] for i in asked], completions):
+      history_of = dict(zip(indices, histories))
+      for i, completion in zip(asked, completions):
         if isinstance(completion, ContextOverflow):  # cannot happen: max_positions covers every budget
           out[i] = completion
           continue
         self._append(i, rows, trajectories, completion.tokens, completion.logprobs)
-        seen[i] = len(history) + 1  # the agent's message is appended by the environment's step
+        seen[i] = len(history_of[i]) + 1  # the agent's message is appended by the environment's step
         if completion.finish_reason == 'length':
           trajectories[i].finish = 'length'
           out[i] = _Truncated(f'a turn passed its {self.turn_tokens} tokens')
