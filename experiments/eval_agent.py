@@ -39,7 +39,7 @@ _MAX_NEW = flags.DEFINE_integer('max_new_tokens', 256, 'Token budget of one assi
 _MAX_POSITIONS = flags.DEFINE_integer('max_positions', None, "Context the checkpoint may use (default its config's; "
                                       'RoPE has no parameters, so a model pretrained shorter can be given more).')
 _SLOTS = flags.DEFINE_integer('num_slots', 64, 'Sequences decoded together (continuous batching).')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'],
+_DTYPE = flags.DEFINE_enum('model_dtype', 'float32', ['float32', 'bfloat16'],
                            "The checkpoint's parameters and compute (bfloat16 on a GPU).")
 _OUT = flags.DEFINE_string('out', None, 'Write the JSON report here.')
 

@@ -34,7 +34,7 @@ python -m experiments.sft --gin_file=configs/sft/$SIZE.gin --workdir="$ROOT/sft"
 
 stage "evaluate: held-out tasks, SFT'd vs pretrained only (bank is never in SFT)"
 EVAL=(--tasks_per_domain 10 --trials 4 "$@")   # later flags win
-[ "$SIZE" = small ] && EVAL=(--dtype bfloat16 --num_slots 256 "${EVAL[@]}")
+[ "$SIZE" = small ] && EVAL=(--model_dtype bfloat16 --num_slots 256 "${EVAL[@]}")
 python -m experiments.eval_agent --checkpoint "$ROOT/sft/model" --out "$ROOT/eval_sft.json" "${EVAL[@]}"
 python -m experiments.eval_agent --checkpoint "$ROOT/pretrain/model" --max_positions 2048 \
     --out "$ROOT/eval_pretrained.json" "${EVAL[@]}"

@@ -140,6 +140,7 @@ def test_eval_agent_cli_reports_per_domain(tiny_agent, tmp_path):
 def test_eval_agent_cli_rejects_bad_flags(tmp_path):
   for flags, message in [(('--domains', 'bank'), 'error: give exactly one of'),
                          (('--checkpoint', str(tmp_path), '--domains', 'nowhere'), "error: unknown domain 'nowhere'"),
-                         (('--checkpoint', str(tmp_path / 'missing')), 'error: ')]:
+                         (('--checkpoint', str(tmp_path / 'missing'), '--model_dtype', 'bfloat16'),
+                          f'error: {tmp_path / "missing"}/config.json does not exist')]:
     result = _eval_agent(*flags)
     assert result.returncode != 0 and message in result.stderr + result.stdout, (flags, result.stderr[-500:])
