@@ -74,6 +74,8 @@ def test_several_sources_are_read_once_each(tmp_path):
   (tmp_path / 'b.jsonl').write_text(line('b'))
   read = conversations_lib.read(f'{tmp_path}/a-*.jsonl, {tmp_path}/b.jsonl,{tmp_path}/a-1.jsonl')
   assert sorted(c['messages'][-1].content for c in read) == ['a1', 'a2', 'a3', 'b']
+  with pytest.raises(Exception, match="conversations '.*/c.jsonl': no such file"):  # one source missing is an error
+    conversations_lib.read(f'{tmp_path}/a-*.jsonl,{tmp_path}/c.jsonl')
 
 
 def test_sft_from_a_pretraining_run_lowers_the_held_out_assistant_loss(tmp_path):

@@ -31,9 +31,13 @@ from k2.data.pipeline import Batches
 def read(pattern: str) -> list[dict]:
   """The conversations of the JSONL files matching `pattern` (globs, comma-separated for several sources);
   ConfigError naming the file and line of a bad one."""
-  paths = sorted({path for part in pattern.split(',') for path in glob.glob(os.path.expanduser(part.strip()))})
-  if not paths:
-    raise ConfigError(f'conversations {pattern!r}: no such file')
+  paths = set()
+  for part in pattern.split(','):
+    matched = glob.glob(os.path.expanduser(part.strip()))
+    if not matched:
+      raise ConfigError(f'conversations {part.strip()!r}: no such file')
+    paths.update(matched)
+  paths = sorted(paths)
   conversations = []
   for path in paths:
     with open(path, encoding='utf-8') as f:

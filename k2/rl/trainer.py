@@ -621,13 +621,10 @@ def train(workdir: str, *, model_config: ModelConfig, config: RLConfig, prompts:
         write_episodes(os.path.join(workdir, 'episodes', f'{number}.jsonl'), episodes, prompts)
         writer.write(number, record)
         print(progress_line(number, num_iterations, record), flush=True)
-      checkpointer.save(number, state, data_state, model_config,
-                        force=number == num_iterations or preemption.requested)
       if on_iteration is not None:
         on_iteration(number, record)
-      if preemption.requested:
-        print(f'preempted: saved iteration {number} to {workdir}/checkpoints; rerun the same command to resume',
-              flush=True)
+      if loop.save_or_stop(checkpointer, number, state, data_state, model_config, preemption,
+                           last=number == num_iterations, unit='iteration'):
         preempted = True
         break
     checkpointer.wait()

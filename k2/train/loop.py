@@ -148,6 +148,18 @@ class Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def save_or_stop(checkpointer: checkpoint_lib.Checkpointer, step: int, state, data_state, model_config,
+                 preemption: Preemption, *, last: bool, unit: str = 'step') -> bool:
+  """Saves `step` when due (forced at the `last` one and after SIGTERM). After SIGTERM it waits for the save, says
+  how to resume and returns True: the caller stops (a training step or an RL iteration is never half saved)."""
+  checkpointer.save(step, state, data_state, model_config, force=last or preemption.requested)
+  if not preemption.requested:
+    return False
+  checkpointer.wait()
+  print(f'preempted: saved {unit} {step} to {checkpointer.directory}; rerun the same command to resume', flush=True)
+  return True
+
+
 def global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   """Process-local rows -> global arrays split over the mesh's batch axes."""
   spec = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
@@ -210,11 +222,8 @@ def run(workdir: str, state: TrainState, setup: StepSetup, batches: Iterator[dic
         writer.write(step, record)
         if lead:
           print(metrics_lib.progress_line(step, config.num_steps, record, timer.eta(step)), flush=True)
-      checkpointer.save(step, state, data_iterator, setup.model_config,
-                        force=preemption.requested or step == config.num_steps)
-      if preemption.requested:
-        checkpointer.wait()
-        print(f'preempted: saved step {step} to {checkpoint_dir}; rerun the same command to resume', flush=True)
+      if save_or_stop(checkpointer, step, state, data_iterator, setup.model_config, preemption,
+                      last=step == config.num_steps):
         preempted = True
         break
     checkpointer.wait()
