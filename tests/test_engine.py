@@ -84,3 +84,13 @@ def test_equals_generate_for_the_same_seed(model, sampling):
   assert result.finish_reasons == expected.finish_reasons
   other = engine.rollout(model, prompts, budgets, num_slots=len(prompts), seed=4, steps_per_sync=4, **sampling)
   assert other.tokens != result.tokens
+
+
+def test_prompt_counts_between_powers_of_two_share_one_decode_program(model):
+  """Multi-turn callers shrink the batch turn by turn: 5..8 prompts run in 8 slots, one compiled decode program."""
+  engine._decode_chunk_jit.clear_cache()
+  results = [engine.rollout(model, PROMPTS[:n] + PROMPTS[:max(0, n - 6)], 2, num_slots=64, temperature=0.0,
+                            steps_per_sync=2) for n in (5, 6, 7, 8)]
+  assert engine._decode_chunk_jit._cache_size() == 1
+  assert [len(r.tokens) for r in results] == [5, 6, 7, 8]
+  assert all(len(t) == 2 for r in results for t in r.tokens)

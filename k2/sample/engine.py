@@ -20,9 +20,11 @@ slot is done), so the host syncs once per chunk, not once per token. Prompts are
 run compiles a handful of programs whatever its prompt lengths.
 
 Randomness: decode step g (counted over the whole run, from 1) draws with fold_in(key, g), and the first fill's
-prefill with the key itself, exactly as `generate` does; so with `num_slots == len(prompts)` (one static batch)
-the engine returns `generate`'s tokens and log-probs for the same seed. Later admissions draw from keys of their
-own. Greedy decoding gives the full-forward argmax in any composition.
+prefill with the key itself, exactly as `generate` does; so with `num_slots == len(prompts)` (one static batch) and
+a power-of-two number of prompts the engine returns `generate`'s tokens and log-probs for the same seed. (Fewer
+prompts than `num_slots` get their number of slots rounded up to a power of two, the spare ones idle, so that a
+caller whose prompt count shrinks turn by turn compiles a handful of programs.) Later admissions draw from keys of
+their own. Greedy decoding gives the full-forward argmax in any composition.
 """
 
 from __future__ import annotations
@@ -168,7 +170,9 @@ def rollout(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens
   if budgets.min() < 1:
     raise ValueError(f'max_new_tokens must be >= 1 for every prompt, got {budgets.tolist()}')
   stops = _stop_rows(stop_tokens, len(prompts))
-  num_slots = min(num_slots, len(prompts))
+  # Fewer prompts than slots: the slot count is their number rounded up to a power of two (the spare slots stay
+  # empty), so that a caller whose live prompts shrink turn by turn (multi-turn episodes) reuses a few programs.
+  num_slots = min(num_slots, 1 << (len(prompts) - 1).bit_length())
   admit_group = min(admit_group, num_slots)
   # Cache slots per sequence: the longest prompt's padded width and the longest prompt + budget, to a power of two
   # (from 64), so that multi-turn callers (an episode's context grows every turn) reuse a few compiled programs; the
