@@ -16,7 +16,7 @@ from experiments import pretrain as launcher  # --gin_file, --gin_bindings, --wo
 from k2.config import ConfigError
 
 _DEMONSTRATIONS_OUT = flags.DEFINE_string('demonstrations_out', None, 'Write SFT demonstrations here and exit.')
-_NUM_DEMONSTRATIONS = flags.DEFINE_integer('num_demonstrations', 1500, 'Demonstrations per domain.')
+_NUM_DEMONSTRATIONS = flags.DEFINE_integer('num_demonstrations', 4000, 'Demonstrations per domain.')
 _LONG_SHARE = flags.DEFINE_float('long_share', 0.0, 'Share of demonstrations padded past the token budget.')
 
 
