@@ -94,3 +94,13 @@ def test_prompt_counts_between_powers_of_two_share_one_decode_program(model):
   assert engine._decode_chunk_jit._cache_size() == 1
   assert [len(r.tokens) for r in results] == [5, 6, 7, 8]
   assert all(len(t) == 2 for r in results for t in r.tokens)
+
+
+def test_first_fill_is_prefilled_in_groups_under_the_token_cap(model):
+  """max_prefill_tokens splits the first fill (six prompts of widths 16-32 under a 64-token cap: groups of 2, never under admit_group)."""
+  result = engine.rollout(model, PROMPTS, BUDGETS, num_slots=8, temperature=0.0, steps_per_sync=3,
+                          admit_group=2, max_prefill_tokens=64)
+  for row, (tokens, logprobs) in enumerate(greedy_by_full_forward(model, PROMPTS, BUDGETS)):
+    assert result.tokens[row] == tokens, row
+    np.testing.assert_allclose(result.logprobs[row], logprobs, rtol=1e-5, atol=1e-5)
+  assert result.prefills == 3

@@ -16,8 +16,8 @@ latents into slots 0..P-1 of its row; the slots past them may still hold the pre
 no query reads (a query at position p reads slots 0..p, all written by its own sequence: the decode kernel is
 length-aware). Decoding runs `steps_per_sync` steps per jitted call (a while loop that also stops when every
 slot is done), so the host syncs once per chunk, not once per token. Prompts are padded to power-of-two widths
-(multiples of 256 past 256) and admitted in groups of `num_slots` (the first fill) or `admit_group` rows, so a whole
-run compiles a handful of programs whatever its prompt lengths.
+(multiples of 256 past 256) and admitted in groups of `num_slots` (the first fill, split into power-of-two groups
+past `max_prefill_tokens`) or `admit_group` rows, so a run compiles a handful of programs whatever its prompt lengths.
 
 Randomness: decode step g (counted over the whole run, from 1) draws with fold_in(key, g), and the first fill's
 prefill with the key itself, exactly as `generate` does; so with `num_slots == len(prompts)` (one static batch) and
@@ -149,13 +149,15 @@ def _stop_rows(stop_tokens, num_prompts: int) -> np.ndarray:
 def rollout(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
             num_slots: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
             stop_tokens: Sequence[int] | Sequence[Sequence[int]] = (), seed: int = 0, steps_per_sync: int = 16,
-            admit_group: int = 8, mesh: Mesh | None = None) -> RolloutResult:
+            admit_group: int = 8, max_prefill_tokens: int = 32768, mesh: Mesh | None = None) -> RolloutResult:
   """Generates a continuation of every prompt with continuous batching (see the module docstring).
 
   prompts: token-id lists of any lengths. max_new_tokens: one budget for all, or one per prompt. stop_tokens: one
   list for all prompts, or one list per prompt (a row stops after emitting one; it is kept in the output).
   num_slots: sequences decoded together. steps_per_sync: decode steps per device call (host syncs once per call).
   admit_group: prompts prefilled together when refilling slots (padded with dummy rows).
+  max_prefill_tokens: the first fill is prefilled in power-of-two groups (of at least admit_group) of at most this
+  many padded tokens (256 slots of 1,152-token prompts at once overflow the GPU grouped matmul's int32 offsets).
   Returns a RolloutResult (tokens, logprobs, finish_reasons per prompt, in prompt order).
   """
   options = _options(temperature, top_k, top_p)
@@ -196,7 +198,10 @@ def rollout(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens
       admitted = []  # (slot ids, prompt ids, first tokens, logprobs) still on the device
       free = [s for s, o in enumerate(owner) if o < 0]
       while free and waiting:
-        group = num_slots if len(free) == num_slots else admit_group
+        group = num_slots if step == 1 else admit_group  # the first fill (no step decoded yet), then refills
+        longest = _width(int(lengths[list(waiting)[:group]].max()))
+        if group * longest > max_prefill_tokens:
+          group = max(min(group, admit_group), 1 << max(0, (max_prefill_tokens // longest).bit_length() - 1))
         take = [waiting.popleft() for _ in range(min(group, len(free), len(waiting)))]
         slot_ids, free = free[:len(take)], free[len(take):]
         rows = np.array(take + [take[0]] * (group - len(take)))  # padding rows repeat a prompt, then drop
