@@ -88,3 +88,15 @@ def test_long_context_stage_extends_with_yarn_at_32k():
   assert macro('SEQ_LEN') == 32768 and macro('INIT_FROM') == '/tmp/pretrained'
   lr = recipe.schedule(macro('LEARNING_RATE'), num_steps)
   assert float(lr(0)) == pytest.approx(2e-5) and float(lr(num_steps)) == pytest.approx(7e-6)
+
+
+@pytest.mark.parametrize('path', sorted(
+    os.path.relpath(os.path.join(d, f), ROOT) for stage in ('pretrain', 'sft', 'rl')
+    for d, _, files in os.walk(os.path.join(ROOT, 'configs', stage)) for f in files if f.endswith('.gin')))
+def test_every_stage_config_parses(path):
+  """Every launcher's gin file parses against the registered configurables (a renamed parameter breaks it)."""
+  from k2.rl import stage as rl_stage  # noqa: F401  (registers rl, RLConfig)
+  from k2.train import sft  # noqa: F401
+  gin_setup.parse([path], [])
+  assert gin.query_parameter('NUM_STEPS/gin.macro.value' if 'rl' not in path.split(os.sep)[1]
+                             else 'NUM_ITERATIONS/gin.macro.value') > 0
