@@ -309,3 +309,23 @@ def test_rl_launcher_end_to_end_with_ptx_and_critic(tmp_path, tokenizer):
   updated = [r for r in records[1:] if r['skipped_update'] == 0.0]
   assert all(r['ptx_loss'] > 0 and 'max_logit' in r and 'clipped_heads' in r for r in updated)
   assert os.path.isdir(tmp_path / 'rl' / 'model' / 'state')
+
+
+def test_rl_compare_of_a_model_with_itself_is_zero_and_a_missing_model_is_one_error_line(tmp_path, tokenizer):
+  import subprocess
+  import sys
+  from tests.test_pretrain_smoke import ROOT
+  recipe.export_model(model_lib.create(get_config('k2_tiny'), seed=0), str(tmp_path / 'model'), tokenizer.path)
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  flags = ['--domain=arithmetic', '--level=1', '--budget=6', '--prompts=6', '--samples=2']
+  same = subprocess.run([sys.executable, '-m', 'experiments.rl_compare', f'--before={tmp_path / "model"}',
+                         f'--after={tmp_path / "model"}'] + flags, cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, env=env)
+  assert same.returncode == 0, same.stderr[-3000:]
+  assert 'sampled pass@1: +0.000 (standard error over prompts 0.000); 0 prompts better, 0 worse' in same.stdout
+  assert 'greedy accuracy: +0.000' in same.stdout
+  missing = subprocess.run([sys.executable, '-m', 'experiments.rl_compare', f'--before={tmp_path / "nope"}',
+                            f'--after={tmp_path / "model"}'] + flags, cwd=ROOT, capture_output=True, text=True,
+                           timeout=600, env=env)
+  assert missing.returncode != 0
+  assert missing.stderr.strip().splitlines() == [f'error: init_from {tmp_path / "nope"}: no such directory']
