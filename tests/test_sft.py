@@ -86,7 +86,7 @@ def test_sft_from_a_pretraining_run_lowers_the_held_out_assistant_loss(tmp_path)
   result = subprocess.run(
       [sys.executable, '-m', 'experiments.sft', '--gin_file=configs/sft/tiny.gin', f'--workdir={tmp_path / "sft"}',
        f"--gin_bindings=INIT_FROM = '{pretrained}'", f"--gin_bindings=CONVERSATIONS = '{tmp_path}/*.jsonl'",
-       '--gin_bindings=NUM_STEPS = 30', '--gin_bindings=BATCH_SIZE = 4', '--gin_bindings=EVAL_EVERY = 15',
+       '--gin_bindings=NUM_STEPS = 20', '--gin_bindings=BATCH_SIZE = 4', '--gin_bindings=EVAL_EVERY = 10',
        '--gin_bindings=sft.log_every = 5'],
       cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -96,5 +96,5 @@ def test_sft_from_a_pretraining_run_lowers_the_held_out_assistant_loss(tmp_path)
   rows = records(tmp_path / 'sft')
   evals = [r['eval_loss'] for r in rows if 'eval_loss' in r]
   assert len(evals) == 2 and evals[1] < evals[0], evals
-  assert rows[-1]['step'] == 30 and all('clipped_heads' in r and 'max_logit' in r for r in rows)  # MuonClip on
+  assert rows[-1]['step'] == 20 and all('clipped_heads' in r and 'max_logit' in r for r in rows)  # MuonClip on
   assert sorted(os.listdir(tmp_path / 'sft' / 'model')) == ['config.json', 'state', 'tokenizer.json']
