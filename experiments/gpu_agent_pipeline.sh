@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Issue 15 acceptance 5 in one `run` call of the device tool (one GPU): k2_small pretrain -> synth (+ arithmetic
+# demonstrations) -> SFT -> held-out agent eval, every stage under a deadline (seconds since START, the command's
+# start; PT_END, SFT_END, EV_END) so the call ends inside the 600 s limit. Run from the repo root with the wheels
+# installed (see the device README). ROOT=/tmp/r stays for experiments/gpu_rl.sh (RL from $ROOT/sft) on the same
+# warm machine. TOY=1: the same script at toy size on a CPU (a check of the script itself).
+set -uo pipefail
+START=${START:-$(date +%s)}
+OUT=${OUT:-/tmp/gpu_agent_pipeline}
+el() { echo $(( $(date +%s) - START )); }
+left() { echo $(( $1 - $(el) )); }
+PY=python3
+ROOT=${ROOT:-/tmp/r}
+rm -rf "$ROOT"; mkdir -p "$ROOT" "$OUT"
+PT=(); SF=(); EV=(--tasks_per_domain 10 --trials 4 --num_slots 256 --model_dtype bfloat16)
+if [ "${TOY:-0}" = 1 ]; then
+  M=(--gin_bindings="model_config.hidden_size = 128" --gin_bindings="model_config.num_layers = 2"
+     --gin_bindings="model_config.num_experts = 8" --gin_bindings="model_config.expert_intermediate_size = 64"
+     --gin_bindings="model_config.dense_intermediate_size = 256" --gin_bindings="model_config.num_heads = 4")
+  PT=("${M[@]}" --gin_bindings="NUM_STEPS = ${TOY_PT_STEPS:-2}" --gin_bindings="BATCH_SIZE = 2" --gin_bindings="SEQ_LEN = 128")
+  SF=("${M[@]}" --gin_bindings="NUM_STEPS = 2" --gin_bindings="BATCH_SIZE = 1")
+  EV=(--domains calculator --tasks_per_domain 1 --trials 2 --num_slots 4 --max_new_tokens 16)
+fi
+echo "root $ROOT; $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null)"
+$PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" 2>&1 | tail -1
+df -h /tmp /dev/shm | tail -2
+
+(export JAX_PLATFORMS=cpu
+ $PY -m experiments.synth --out "$ROOT/synth" > "$ROOT/synth.log" 2>&1; echo "synth rc $? at $(el)s"
+ $PY -m experiments.rl --gin_file=configs/rl/small.gin --workdir=/tmp/unused \
+     --demonstrations_out="$ROOT/synth/judged/accepted-arithmetic.jsonl" \
+     > "$ROOT/demos.log" 2>&1; echo "demonstrations rc $? at $(el)s: $(tail -1 "$ROOT/demos.log")") &
+SYNTH=$!
+echo "=== pretrain at $(el)s"
+timeout -s TERM -k 20 "$(left ${PT_END:-320})" $PY -m experiments.pretrain --gin_file=configs/pretrain/small.gin \
+    --workdir="$ROOT/pretrain" --gin_bindings="CHECKPOINT_EVERY = 400" --gin_bindings="train.sample_tokens = 0" \
+    "${PT[@]}"
+echo "pretrain rc $? at $(el)s"
+wait $SYNTH; grep -A3 '"accepted"' "$ROOT/synth.log" | head -4; grep '"seconds"' "$ROOT/synth.log"
+TOK=()
+if [ ! -d "$ROOT/pretrain/model" ]; then   # preempted: no export, so name the cached tokenizer
+  TOK=(--gin_bindings="sft.tokenizer_path = '$(ls $HOME/.cache/k2/tokenizers/bpe_4096_*.json | head -1)'")
+fi
+echo "=== sft at $(el)s"
+timeout -s TERM -k 10 "$(left ${SFT_END:-500})" $PY -m experiments.sft --gin_file=configs/sft/small.gin --workdir="$ROOT/sft" \
+    --gin_bindings="INIT_FROM = '$ROOT/pretrain'" \
+    --gin_bindings="CONVERSATIONS = '$ROOT/synth/judged/accepted-*.jsonl'" "${TOK[@]}" "${SF[@]}"
+echo "sft rc $? at $(el)s"
+cp "$ROOT/pretrain/metrics.jsonl" "$OUT/pretrain_metrics.jsonl"; cp "$ROOT/sft/metrics.jsonl" "$OUT/sft_metrics.jsonl"
+cp "$ROOT/synth/manifest.json" "$OUT/synth_manifest.json"; cp "$ROOT/synth.log" "$ROOT/demos.log" "$OUT/"
+wc -l "$ROOT"/synth/judged/accepted-*.jsonl
+if [ "${TOY:-0}" != 1 ] && [ "$(left ${EV_END:-585})" -lt ${EV_FULL_S:-170} ]; then EV=(--tasks_per_domain 10 --trials 2 --num_slots 256 --model_dtype bfloat16); fi
+echo "eval flags ${EV[*]}"
+echo "=== eval at $(el)s"
+timeout -s TERM -k 5 "$(left ${EV_END:-585})" $PY -m experiments.eval_agent --checkpoint "$ROOT/sft/model" \
+    --out "$OUT/eval_sft.json" "${EV[@]}"
+echo "eval rc $? at $(el)s"

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Issue 16 acceptance 5 on the machine experiments/gpu_agent_pipeline.sh left warm: RL of its SFT'd k2_small
+# ($ROOT/sft) on arithmetic word problems and the calculator tool domain (configs/rl/small.gin), killed by RL_END
+# (~580 s from START, the command's start) if it has not finished; metrics.jsonl is written per iteration, so a killed
+# run keeps its records. Run from the repo root. TOY=1: toy model and sizes on a CPU (a check of the script itself).
+set -uo pipefail
+START=${START:-$(date +%s)}
+OUT=${OUT:-/tmp/gpu_rl}
+el() { echo $(( $(date +%s) - START )); }
+left() { echo $(( $1 - $(el) )); }
+PY=python3
+ROOT=${ROOT:-/tmp/r}
+mkdir -p "$OUT"
+echo "root $ROOT; $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null)"
+if [ ! -d "$ROOT/sft/model" ]; then
+  echo "no $ROOT/sft/model: call A's SFT'd model is not on this machine (not the warm one); nothing to do"; ls -la "$ROOT" 2>&1
+  exit 3
+fi
+RL=(--gin_bindings="rl.checkpoint_every = 100")
+if [ "${TOY:-0}" = 1 ]; then
+  RL+=(--gin_bindings="model_config.hidden_size = 128" --gin_bindings="model_config.num_layers = 2"
+      --gin_bindings="model_config.num_experts = 8" --gin_bindings="model_config.expert_intermediate_size = 64"
+      --gin_bindings="model_config.dense_intermediate_size = 256" --gin_bindings="model_config.num_heads = 4"
+      --gin_bindings="NUM_ITERATIONS = 1" --gin_bindings="rl.num_train_prompts = 8" --gin_bindings="rl.num_eval_prompts = 2"
+      --gin_bindings="rl.eval_samples = 2" --gin_bindings="RLConfig.prompts_per_iteration = 2"
+      --gin_bindings="RLConfig.samples_per_prompt = 2" --gin_bindings="RLConfig.num_slots = 8")
+fi
+[ "${RESUME:-0}" = 1 ] || rm -rf "$ROOT/rl"
+echo "=== rl at $(el)s"
+timeout -s KILL "$(left ${RL_END:-580})" $PY -m experiments.rl --gin_file=configs/rl/small.gin --workdir="$ROOT/rl" \
+    --gin_bindings="INIT_FROM = '$ROOT/sft'" "${RL[@]}" 2>&1 | tee "$OUT/rl.log"
+echo "rl rc $? at $(el)s"
+cp "$ROOT/rl/metrics.jsonl" "$OUT/rl_metrics.jsonl"; cp "$ROOT/rl/operative_config.gin" "$OUT/" 2>/dev/null
+wc -l "$OUT/rl_metrics.jsonl"
