@@ -197,8 +197,9 @@ def rollout(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens
     while waiting or any(o >= 0 for o in owner):
       admitted = []  # (slot ids, prompt ids, first tokens, logprobs) still on the device
       free = [s for s, o in enumerate(owner) if o < 0]
+      fill = len(free) == num_slots  # every slot free (the first fill): large groups, else refills of admit_group
       while free and waiting:
-        group = num_slots if step == 1 else admit_group  # the first fill (no step decoded yet), then refills
+        group = num_slots if fill else admit_group
         longest = _width(int(lengths[list(waiting)[:group]].max()))
         if group * longest > max_prefill_tokens:
           group = max(min(group, admit_group), 1 << max(0, (max_prefill_tokens // longest).bit_length() - 1))
