@@ -34,7 +34,6 @@ def main(argv):
   from k2.config import ConfigError, get_config
   from k2.gym import verifiable
   from k2.rl import tasks, trainer
-  from k2.sample import engine
   from k2.train import loop, sft
   try:
     tok = sft.model_tokenizer(_AFTER.value, _TOKENIZER.value)
@@ -54,10 +53,7 @@ def main(argv):
                                          _SEED.value, None)
     trainer.score_episodes(sampled, prompts, reward_fn, config)
     rates = np.array([[r >= 1.0 for r in row] for row in sampled.rewards], float).mean(axis=1)
-    greedy = engine.rollout(model, [p.tokens for p in prompts], [p.max_new_tokens for p in prompts], num_slots=256,
-                            temperature=0.0, stop_tokens=stop)
-    greedy_pass = np.array([finish == 'stop' and reward_fn(p, tokens)[0] >= 1.0
-                            for p, tokens, finish in zip(prompts, greedy.tokens, greedy.finish_reasons)], float)
+    greedy_pass = np.array(trainer.greedy_passes(model, prompts, reward_fn, stop_tokens=stop, num_slots=256), float)
     results.append((rates, greedy_pass))
     print(f'{path}: sampled pass@1 {rates.mean():.3f}, greedy accuracy {greedy_pass.mean():.3f}', flush=True)
   (rates0, greedy0), (rates1, greedy1) = results

@@ -492,6 +492,16 @@ def iteration(state: TrainState, sampler: PromptSampler, context: Context) -> tu
   return state, metrics, episodes
 
 
+def greedy_passes(model: model_lib.Transformer, prompts: Sequence[Prompt], reward_fn: RewardFn, *,
+                  stop_tokens: Sequence[int], pass_threshold: float = 1.0, num_slots: int = 64,
+                  mesh=None) -> list[bool]:
+  """Per single-turn prompt: whether the greedy response stops within its budget and scores >= pass_threshold."""
+  greedy = engine.rollout(model, [p.tokens for p in prompts], [p.max_new_tokens for p in prompts],
+                          num_slots=num_slots, temperature=0.0, stop_tokens=list(stop_tokens), mesh=mesh)
+  return [finish == 'stop' and reward_fn(p, tokens)[0] >= pass_threshold
+          for p, tokens, finish in zip(prompts, greedy.tokens, greedy.finish_reasons)]
+
+
 def evaluate(model: model_lib.Transformer, prompts: Sequence[Prompt], reward_fn: RewardFn, *, samples: int,
              temperature: float, stop_tokens: Sequence[int], pass_threshold: float = 1.0, seed: int = 0,
              num_slots: int = 64, mesh=None, agentic=None) -> dict[str, float]:
@@ -504,12 +514,8 @@ def evaluate(model: model_lib.Transformer, prompts: Sequence[Prompt], reward_fn:
   score_episodes(sampled, prompts, reward_fn, config)
   single = [i for i in ids if not is_agentic(prompts[i])]
   tool = [int(i) for i in ids if is_agentic(prompts[i])]
-  greedy_pass = []
-  if single:
-    greedy = engine.rollout(model, [prompts[i].tokens for i in single], [prompts[i].max_new_tokens for i in single],
-                            num_slots=num_slots, temperature=0.0, stop_tokens=list(stop_tokens), mesh=mesh)
-    greedy_pass += [finish == 'stop' and reward_fn(prompts[i], tokens)[0] >= pass_threshold
-                    for i, tokens, finish in zip(single, greedy.tokens, greedy.finish_reasons)]
+  greedy_pass = greedy_passes(model, [prompts[i] for i in single], reward_fn, stop_tokens=stop_tokens,
+                              pass_threshold=pass_threshold, num_slots=num_slots, mesh=mesh) if single else []
   if tool:
     greedy_pass += [group[0].finish == 'stop' and group[0].reward >= pass_threshold
                     for group in agentic(model, prompts, tool, 1, 0.0, seed, num_slots, mesh)]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Sequence
 
 import jax
@@ -199,10 +200,10 @@ def rollout(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens
       free = [s for s, o in enumerate(owner) if o < 0]
       fill = len(free) == num_slots  # every slot free (the first fill): large groups, else refills of admit_group
       while free and waiting:
-        group = num_slots if fill else admit_group
-        longest = _width(int(lengths[list(waiting)[:group]].max()))
-        if group * longest > max_prefill_tokens:
-          group = max(min(group, admit_group), 1 << max(0, (max_prefill_tokens // longest).bit_length() - 1))
+        group = admit_group
+        if fill:  # all slots at once, or a power of two of them (>= admit_group) under max_prefill_tokens
+          fits = max_prefill_tokens // _width(int(lengths[list(itertools.islice(waiting, num_slots))].max()))
+          group = num_slots if fits >= num_slots else max(admit_group, 1 << max(0, fits.bit_length() - 1))
         take = [waiting.popleft() for _ in range(min(group, len(free), len(waiting)))]
         slot_ids, free = free[:len(take)], free[len(take):]
         rows = np.array(take + [take[0]] * (group - len(take)))  # padding rows repeat a prompt, then drop
