@@ -3,7 +3,9 @@
 # demonstrations) -> SFT -> held-out agent eval, every stage under a deadline (seconds since START, the command's
 # start; PT_END, SFT_END, EV_END) so the call ends inside the 600 s limit. Run from the repo root with the wheels
 # installed (see the device README). ROOT=/tmp/r stays for experiments/gpu_rl.sh (RL from $ROOT/sft) on the same
-# warm machine. TOY=1: the same script at toy size on a CPU (a check of the script itself).
+# warm machine. TOY=1: the same script at toy size on a CPU (a check of the script itself). SYNTH_TASKS: synthesized
+# tasks per domain (600); DEMOS=0 leaves the arithmetic demonstrations out; SFT_STEPS: SFT's NUM_STEPS (the gin's);
+# EVAL_TASKS / EVAL_TRIALS: the held-out eval's tasks per domain and trials (10 / 4).
 set -uo pipefail
 START=${START:-$(date +%s)}
 OUT=${OUT:-/tmp/gpu_agent_pipeline}
@@ -12,7 +14,8 @@ left() { echo $(( $1 - $(el) )); }
 PY=python3
 ROOT=${ROOT:-/tmp/r}
 rm -rf "$ROOT"; mkdir -p "$ROOT" "$OUT"
-PT=(); SF=(); EV=(--tasks_per_domain 10 --trials 4 --num_slots 256 --model_dtype bfloat16)
+PT=(); SF=(); EV=(--tasks_per_domain ${EVAL_TASKS:-10} --trials ${EVAL_TRIALS:-4} --num_slots 256 --model_dtype bfloat16)
+[ -n "${SFT_STEPS:-}" ] && SF=(--gin_bindings="NUM_STEPS = $SFT_STEPS")
 if [ "${TOY:-0}" = 1 ]; then
   M=(--gin_bindings="model_config.hidden_size = 128" --gin_bindings="model_config.num_layers = 2"
      --gin_bindings="model_config.num_experts = 8" --gin_bindings="model_config.expert_intermediate_size = 64"
@@ -26,7 +29,9 @@ $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__
 df -h /tmp /dev/shm | tail -2
 
 (export JAX_PLATFORMS=cpu
- $PY -m experiments.synth --out "$ROOT/synth" > "$ROOT/synth.log" 2>&1; echo "synth rc $? at $(el)s"
+ $PY -m experiments.synth --out "$ROOT/synth" --tasks_per_domain ${SYNTH_TASKS:-600} > "$ROOT/synth.log" 2>&1
+ echo "synth rc $? at $(el)s"
+ [ "${DEMOS:-1}" = 0 ] && exit
  $PY -m experiments.rl --gin_file=configs/rl/small.gin --workdir=/tmp/unused \
      --demonstrations_out="$ROOT/synth/judged/accepted-arithmetic.jsonl" \
      > "$ROOT/demos.log" 2>&1; echo "demonstrations rc $? at $(el)s: $(tail -1 "$ROOT/demos.log")") &

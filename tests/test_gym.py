@@ -3,6 +3,8 @@ makes the environment raise, episodes end, splits are disjoint, and everything i
 
 import copy
 import json
+import random
+import re
 
 import jsonschema
 import pytest
@@ -231,6 +233,23 @@ def test_train_and_heldout_entities_are_disjoint(name):
   heldout_entities = {e for task in heldout for e in task.entities}
   assert train_entities and heldout_entities and not train_entities & heldout_entities
   assert not {t.instruction for t in train} & {t.instruction for t in heldout}
+
+
+def test_numbers_and_names_split_without_memorizable_training_names():
+  rng = random.Random(0)
+  for digits in (3, 4, 5):
+    train = {gym.env.draw_id(rng, 'train', digits) for _ in range(2000)}
+    heldout = {gym.env.draw_id(rng, 'heldout', digits) for _ in range(2000)}
+    assert not train & heldout and all(len(str(n)) == digits for n in train | heldout)
+    for numbers in (train, heldout):  # both spread over the whole range: the same digits in every position
+      assert {str(n)[0] for n in numbers} == set('123456789')
+  pool = ['Ana Lima', 'Bo Chen', 'Cleo Martin', 'Dev Rao', 'Ema Novak', 'Finn Berg', 'Gia Russo', 'Hugo Weiss']
+  names = [n for _ in range(400) for n in gym.env.sample_names(rng, pool, 'train', 2)]
+  invented = {n for n in names if n not in pool}
+  assert 0.35 < sum(n in invented for n in names) / len(names) < 0.65 and len(invented) > 300
+  assert all(re.fullmatch(r'[A-Z][a-z]+ [A-Z][a-z]+', n) for n in invented)  # shaped like the pool's names
+  assert not {n.lower() for n in names} & {n.lower() for n in gym.env.split_pool(pool, 'heldout')}
+  assert set(gym.env.sample_names(rng, pool, 'heldout', 2)) <= set(gym.env.split_pool(pool, 'heldout'))
 
 
 @pytest.mark.parametrize('name', DOMAINS)

@@ -165,10 +165,50 @@ def draw(rng: random.Random, pool: Sequence[Any], split: str) -> Any:
 
 
 def draw_id(rng: random.Random, split: str, digits: int = 5) -> int:
-  """A number of `digits` digits, from the lower half of the range for 'train' and the upper half for 'heldout'."""
+  """A number of `digits` digits: one that is 3 modulo 4 for 'heldout', any other for 'train'. Disjoint values
+  spread over the same range, so held-out numbers are unseen but written with the same digits as training ones."""
   low, high = 10 ** (digits - 1), 10 ** digits
-  middle = (low + high) // 2
-  return rng.randrange(low, middle) if split == 'train' else rng.randrange(middle, high)
+  n = 4 * rng.randrange(low // 4, high // 4) + (3 if split == 'heldout' else rng.randrange(3))
+  return n if n >= low else n + 4
+
+
+# Training tasks take half their names from an unbounded space of invented ones, shaped like the pool's (case,
+# words, separators): with a few dozen real names a model can learn them by heart and still fail to copy an unseen
+# one from the conversation; invented names leave copying as the only way to get them right.
+_SYLLABLES = ('ba', 'ko', 'ri', 'len', 'mar', 'tis', 'su', 'vel', 'da', 'no', 'pe', 'lu', 'ka', 'ran', 'mi', 'sol',
+              'te', 'vo', 'zi', 'har', 'ne', 'dor', 'fi', 'ga', 'jo', 'ul', 'wen', 'an', 'el', 'or', 'qui', 'bes')
+
+
+# Words the simulated users listen for (Fact.keywords): an invented name never contains one.
+_AVOID = re.compile('date|time|file|when|why|which|start|reason|mail|order|people|person|ways|name|day|account')
+
+
+def _invent_like(rng: random.Random, template: str) -> str:
+  def word(match: re.Match) -> str:
+    while _AVOID.search(w := ''.join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))):
+      pass
+    return w.capitalize() if match.group()[0].isupper() else w
+  return re.sub(r'[A-Za-z]+', word, template)
+
+
+def sample_names(rng: random.Random, pool: Sequence[str], split: str, k: int, invented: float = 0.5) -> list[str]:
+  """k distinct names for `split`: held-out ones from the pool's held-out items; training ones from its training
+  items or, each with probability `invented`, invented in the same shape (never a held-out item)."""
+  names = rng.sample(split_pool(pool, split), k)
+  if split != 'train':
+    return names
+  taken = {n.lower() for n in pool}
+  for i, name in enumerate(names):
+    if rng.random() < invented:
+      while (new := _invent_like(rng, name)).lower() in taken:
+        pass
+      taken.add(new.lower())
+      names[i] = new
+  return names
+
+
+def draw_name(rng: random.Random, pool: Sequence[str], split: str) -> str:
+  return sample_names(rng, pool, split, 1)[0]
 
 
 # --- facts told, refusals, validation ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import random
 from typing import Any
 
 from k2.chat import ToolCall
-from k2.gym.env import Domain, Fact, Task, Tool, draw, draw_id, make_tool
+from k2.gym.env import Domain, Fact, Task, Tool, draw, draw_id, draw_name, make_tool
 
 POLICY = """You are a bank's support agent for the customer you are talking to.
 - Move money only between accounts the customer owns, and never more than the source account's balance; refuse
@@ -93,14 +93,14 @@ class Bank(Domain):
         make_tool(t.block_card, card_id={'pattern': '^CD[0-9]+$', 'description': 'card id, e.g. CD1234'}))}
 
   def sample_task(self, rng: random.Random, split: str, index: int) -> Task:
-    customer = draw(rng, CUSTOMERS, split)
+    customer = draw_name(rng, CUSTOMERS, split)
     numbers = set()
     while len(numbers) < 5:  # four of the customer's accounts and a stranger's, all distinct
       numbers.add(draw_id(rng, split))
     *ids, stranger_id = [f'AC{n}' for n in sorted(numbers, key=lambda _: rng.random())]
     types = ['checking', 'checking', 'savings', 'travel']
     accounts = {i: {'owner': customer, 'type': kind, 'balance': draw_id(rng, split, 4)} for i, kind in zip(ids, types)}
-    accounts[stranger_id] = {'owner': draw(rng, STRANGERS, split), 'type': 'checking', 'balance': draw_id(rng, split, 4)}
+    accounts[stranger_id] = {'owner': draw_name(rng, STRANGERS, split), 'type': 'checking', 'balance': draw_id(rng, split, 4)}
     card = f'CD{draw_id(rng, split, 4)}'
     db = {'customer': customer, 'accounts': accounts, 'cards': {card: {'account': ids[0], 'blocked': False}},
           'transfers': []}

@@ -11,7 +11,7 @@ import random
 from typing import Any
 
 from k2.chat import LOCAL_TOOLS, ToolCall
-from k2.gym.env import Domain, Fact, Task, Tool, draw, draw_id, make_tool, split_pool
+from k2.gym.env import Domain, Fact, Task, Tool, draw, draw_id, make_tool, sample_names
 
 POLICY = """You are a calculation assistant with a calculator and a named memory.
 - Do every computation with the calculator tool; never do arithmetic in your head. Report money with two decimals.
@@ -79,7 +79,7 @@ class Calculator(Domain):
         make_tool(t.store, name=name), make_tool(t.recall, name=name), make_tool(t.list_memory))}
 
   def sample_task(self, rng: random.Random, split: str, index: int) -> Task:
-    names = rng.sample(split_pool(NAMES, split), 3)
+    names = sample_names(rng, NAMES, split, 3)
     protected = rng.choice(PROTECTED)
     memory = {names[0]: draw_id(rng, split, 4), names[1]: round(draw_id(rng, split, 5) / 100, 2),
               protected: draw_id(rng, split, 6)}

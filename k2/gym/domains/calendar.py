@@ -13,7 +13,7 @@ import random
 from typing import Any
 
 from k2.chat import ToolCall
-from k2.gym.env import Domain, Fact, Task, Tool, draw, make_tool, split_pool
+from k2.gym.env import Domain, Fact, Task, Tool, draw, draw_name, make_tool, sample_names
 
 POLICY = """You manage the user's work calendar.
 - Meetings are only on weekdays (Monday to Friday), starting at 08:00 or later and ending by 18:00.
@@ -118,8 +118,8 @@ class Calendar(Domain):
                 if (MONTH_START + datetime.timedelta(days=d)).weekday() < 5]
     weekend = [MONTH_START + datetime.timedelta(days=d) for d in range(28)
                if (MONTH_START + datetime.timedelta(days=d)).weekday() >= 5]
-    db: dict[str, Any] = {'owner': draw(rng, PEOPLE, split), 'next_id': 1, 'events': {}}
-    titles = rng.sample(split_pool(TITLES, split), 4)
+    db: dict[str, Any] = {'owner': draw_name(rng, PEOPLE, split), 'next_id': 1, 'events': {}}
+    titles = sample_names(rng, TITLES, split, 4)
     day, other_day = (d.isoformat() for d in rng.sample(weekdays, 2))
     # The day holds two meetings (starting 09:00-10:45 and 14:00-14:45, at most an hour long), another day one more;
     # 12:00-13:30 and 16:15-17:30 stay free on the day.
@@ -127,9 +127,9 @@ class Calendar(Domain):
                                 (titles[2], other_day, (8 * 60, 16 * 60))):
       db['events'][f'ev{db["next_id"]}'] = {
           'title': title, 'date': date, 'start': _hhmm(rng.randrange(*window, 15)),
-          'duration_minutes': rng.choice([30, 45, 60]), 'attendees': sorted(rng.sample(split_pool(PEOPLE, split), 2))}
+          'duration_minutes': rng.choice([30, 45, 60]), 'attendees': sorted(sample_names(rng, PEOPLE, split, 2))}
       db['next_id'] += 1
-    people = sorted(rng.sample(split_pool(PEOPLE, split), rng.randrange(1, 3)))
+    people = sorted(sample_names(rng, PEOPLE, split, rng.randrange(1, 3)))
     duration = rng.choice([30, 45, 60])
     free_start = _hhmm(rng.choice([12 * 60, 12 * 60 + 15, 16 * 60 + 15, 16 * 60 + 30]))  # after both morning slots
     fill = dict(title=titles[3], date=day, start=free_start, duration=duration, people=' and '.join(people))

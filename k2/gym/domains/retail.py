@@ -11,7 +11,7 @@ import random
 from typing import Any
 
 from k2.chat import ToolCall
-from k2.gym.env import Domain, Fact, Task, Tool, draw, draw_id, make_tool, split_pool
+from k2.gym.env import Domain, Fact, Task, Tool, draw, draw_id, draw_name, make_tool, split_pool
 
 POLICY = """You are a customer service agent for an online store. Help users look up, cancel or re-address their orders.
 - Authenticate the user first: look up their account by the email they give (find_user_by_email).
@@ -121,7 +121,7 @@ class Retail(Domain):
     kind_name = rng.choice(['cancel', 'cancel', 'address', 'status', 'ask', 'refuse'])
     users, orders, entities = {}, {}, []
     for _ in range(3):  # the customer and two others whose orders sit in the same database
-      first, last = draw(rng, FIRST, split), draw(rng, LAST, split)
+      first, last = draw_name(rng, FIRST, split), draw_name(rng, LAST, split)
       user_id = f'{first.lower()}_{last.lower()}_{draw_id(rng, split, 4)}'
       payment = rng.choice(PAYMENTS).format(n=draw_id(rng, split, 4))
       email = f'{first}.{last}{len(users)}{rng.randrange(10, 99)}@example.com'.lower()  # unique in the database
