@@ -4,7 +4,7 @@
 # start; PT_END, SFT_END, EV_END) so the call ends inside the 600 s limit. Run from the repo root with the wheels
 # installed (see the device README). ROOT=/tmp/r stays for experiments/gpu_rl.sh (RL from $ROOT/sft) on the same
 # warm machine. TOY=1: the same script at toy size on a CPU (a check of the script itself). SYNTH_TASKS: synthesized
-# tasks per domain (600); DEMOS=0 leaves the arithmetic demonstrations out; SFT_STEPS: SFT's NUM_STEPS (the gin's);
+# tasks per domain (600); DEMOS=0 leaves the arithmetic demonstrations out; PT_STEPS, SFT_STEPS: NUM_STEPS (the gins');
 # EVAL_TASKS / EVAL_TRIALS: the held-out eval's tasks per domain and trials (10 / 4).
 set -uo pipefail
 START=${START:-$(date +%s)}
@@ -15,6 +15,7 @@ PY=python3
 ROOT=${ROOT:-/tmp/r}
 rm -rf "$ROOT"; mkdir -p "$ROOT" "$OUT"
 PT=(); SF=(); EV=(--tasks_per_domain ${EVAL_TASKS:-10} --trials ${EVAL_TRIALS:-4} --num_slots 256 --model_dtype bfloat16)
+[ -n "${PT_STEPS:-}" ] && PT=(--gin_bindings="NUM_STEPS = $PT_STEPS")
 [ -n "${SFT_STEPS:-}" ] && SF=(--gin_bindings="NUM_STEPS = $SFT_STEPS")
 if [ "${TOY:-0}" = 1 ]; then
   M=(--gin_bindings="model_config.hidden_size = 128" --gin_bindings="model_config.num_layers = 2"
