@@ -71,6 +71,7 @@ def test_a_failing_or_malformed_agent_is_scored_not_raised():
   report = evaluation.score(tasks, [[e] for e in episodes])
   assert report['pass^1'] == 0.0 and report['tool_call_validity'] == 0.0 and report['backend_errors'] == 1
   assert report['tool_calls_tried'] == 6  # three malformed turns and three calls of an unknown tool
+  assert (report['malformed_outputs'], report['unknown_tools'], report['invalid_arguments']) == (3, 3, 0)
 
 
 @pytest.fixture(scope='module')

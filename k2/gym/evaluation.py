@@ -8,7 +8,8 @@ Per domain (tau-bench's definitions where it has them):
                       succeed (c successes); pass^1 is the success rate. Reported for k = 1 .. trials.
   tool_call_validity  of the tool calls the agent tried, the share that parsed, named a declared tool and had
                       arguments that fit its JSON schema; an assistant turn whose call section could not be parsed
-                      counts as one invalid try. None when the agent tried no call.
+                      counts as one invalid try. None when the agent tried no call. The invalid tries by kind:
+                      malformed_outputs (unparsable call sections), unknown_tools, invalid_arguments.
   argument_match      of the tasks' gold tool calls, the share the agent made with exactly the gold arguments.
   turns               assistant messages per episode (tool-call turns included), mean.
   context_overflows   episodes ended because the conversation outgrew the model (part of the failures).
@@ -47,6 +48,7 @@ def score(tasks: Sequence[Task], episodes: Sequence[Sequence[Episode]]) -> dict[
   return report | {
       'tasks': len(tasks), 'trials': trials, 'tool_calls_tried': tried,
       'tool_call_validity': valid / tried if tried else None,
+      **{kind: sum(e.info[kind] for e in flat) for kind in ('malformed_outputs', 'unknown_tools', 'invalid_arguments')},
       'argument_match': matched / gold if gold else None,
       'turns': sum(e.info['assistant_turns'] for e in flat) / len(flat),
       'context_overflows': sum('ContextOverflow' in e.info.get('agent_error', '') for e in flat),
