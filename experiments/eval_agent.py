@@ -42,6 +42,8 @@ _SLOTS = flags.DEFINE_integer('num_slots', 64, 'Sequences decoded together (cont
 _DTYPE = flags.DEFINE_enum('model_dtype', 'float32', ['float32', 'bfloat16'],
                            "The checkpoint's parameters and compute (bfloat16 on a GPU).")
 _OUT = flags.DEFINE_string('out', None, 'Write the JSON report here.')
+_TRANSCRIPTS = flags.DEFINE_string('transcripts', None, 'Write every episode here (JSONL: domain, task id, trial, '
+                                   'reward, info, messages).')
 
 
 def _responder_for():
@@ -81,8 +83,13 @@ def main(argv):
   start = time.perf_counter()
   progress = lambda turn, live: print(f'turn {turn}: {live} episodes running ({time.perf_counter() - start:.0f}s)',
                                      flush=True)  # noqa: E731
+  from k2.synth.judging import message_dict  # noqa: PLC0415 (k2.synth is imported by _responder_for above)
+  transcripts = []
+  keep = lambda domain, task, trial, e: transcripts.append({  # noqa: E731
+      'domain': domain, 'task_id': task.task_id, 'trial': trial, 'reward': e.reward, 'info': e.info,
+      'messages': [message_dict(m) for m in e.messages]})
   report = evaluation.evaluate(_DOMAINS.value, responder_for, tasks_per_domain=_TASKS.value, trials=_TRIALS.value,
-                               seed=_SEED.value, on_turn=progress)
+                               seed=_SEED.value, on_turn=progress, on_episode=keep if _TRANSCRIPTS.value else None)
   seconds = time.perf_counter() - start
   print(f'agent: {agent}; temperature {_TEMPERATURE.value}; {_TASKS.value} held-out tasks x {_TRIALS.value} '
         f'trials per domain; {seconds:.0f}s')
@@ -91,6 +98,9 @@ def main(argv):
     with open(_OUT.value, 'w') as f:
       json.dump({'agent': agent, 'temperature': _TEMPERATURE.value, 'seconds': round(seconds, 1),
                  'unseen': _UNSEEN.value, 'domains': report}, f, indent=1)
+  if _TRANSCRIPTS.value:
+    with open(_TRANSCRIPTS.value, 'w') as f:
+      f.writelines(json.dumps(record, default=str) + '\n' for record in transcripts)
 
 
 if __name__ == '__main__':

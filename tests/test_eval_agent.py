@@ -33,8 +33,12 @@ def _expert_responder(envs, tasks, seeds):
 
 
 def test_the_expert_scores_perfectly_on_every_held_out_domain():
-  report = evaluation.evaluate(list(gym.domains.DOMAINS), _expert_responder, tasks_per_domain=5, trials=2)
+  seen = []
+  report = evaluation.evaluate(list(gym.domains.DOMAINS), _expert_responder, tasks_per_domain=5, trials=2,
+                               on_episode=lambda domain, task, trial, e: seen.append((domain, task, trial, e)))
   assert set(report) == set(gym.domains.DOMAINS) and 'bank' in report
+  assert len(seen) == 5 * 2 * len(gym.domains.DOMAINS) and len({(d, t.task_id, k) for d, t, k, _ in seen}) == len(seen)
+  assert all(task.domain == domain and task.split == 'heldout' and e.reward == 1.0 for domain, task, _, e in seen)
   for name, r in report.items():
     assert r['pass^1'] == r['pass^2'] == 1.0, name
     assert r['argument_match'] == 1.0 and r['backend_errors'] == 0, name
@@ -130,8 +134,12 @@ def test_eval_agent_cli_reports_per_domain(tiny_agent, tmp_path):
   recipe.export_model(model, model_dir, tokenizer_path)
   out = tmp_path / 'report.json'
   result = _eval_agent('--checkpoint', model_dir, '--domains', 'calculator,bank', '--tasks_per_domain', '2',
-                       '--trials', '2', '--max_new_tokens', '8', '--out', str(out))
+                       '--trials', '2', '--max_new_tokens', '8', '--out', str(out),
+                       '--transcripts', str(tmp_path / 'episodes.jsonl'))
   assert result.returncode == 0, result.stderr[-2000:]
+  episodes = [json.loads(line) for line in (tmp_path / 'episodes.jsonl').read_text().splitlines()]
+  assert len(episodes) == 8 and {e['domain'] for e in episodes} == {'calculator', 'bank'}
+  assert all(e['messages'][0]['role'] == 'system' and e['messages'][1]['role'] == 'user' for e in episodes)
   report = json.loads(out.read_text())
   assert set(report['domains']) == {'calculator', 'bank'}
   assert report['domains']['bank']['tasks'] == 2 and math.isclose(report['domains']['bank']['pass^1'], 0.0)

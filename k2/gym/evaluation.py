@@ -58,11 +58,12 @@ def score(tasks: Sequence[Task], episodes: Sequence[Sequence[Episode]]) -> dict[
 def evaluate(domain_names: Sequence[str], responder_for: Callable[[list[ToolEnv], list[Task], list[int]], Responder],
              tasks_per_domain: int = 20, trials: int = 4, seed: int = 0, split: str = 'heldout',
              max_user_turns: int = 8, max_assistant_turns: int = 16,
-             on_turn: Callable[[int, int], None] | None = None) -> dict[str, dict[str, Any]]:
+             on_turn: Callable[[int, int], None] | None = None,
+             on_episode: Callable[[str, Task, int, Episode], None] | None = None) -> dict[str, dict[str, Any]]:
   """Plays `tasks_per_domain` tasks of each domain `trials` times (the simulated user seeded per trial) and returns
   {domain: score(...)}. `responder_for(envs, tasks, seeds)` gives the agent for those episodes (a Responder,
   k2.gym.episodes); every episode of every domain is stepped together, so a model samples them in one batch.
-  on_turn(turn, live episodes): progress."""
+  on_turn(turn, live episodes): progress; on_episode(domain, task, trial, episode): every finished episode."""
   tasks = {name: domains_lib.get(name).sample_tasks(tasks_per_domain, seed, split) for name in domain_names}
   plan = [(name, t, trial) for name in domain_names for t in range(tasks_per_domain) for trial in range(trials)]
   envs = [ToolEnv(domains_lib.get(name), max_user_turns=max_user_turns, max_assistant_turns=max_assistant_turns)
@@ -71,8 +72,10 @@ def evaluate(domain_names: Sequence[str], responder_for: Callable[[list[ToolEnv]
   seeds = [seed * 1000 + trial for _, _, trial in plan]
   episodes = run_episodes(envs, episode_tasks, seeds, responder_for(envs, episode_tasks, seeds), on_turn)
   by_domain: dict[str, list[list[Episode]]] = {name: [[] for _ in range(tasks_per_domain)] for name in domain_names}
-  for (name, t, _), episode in zip(plan, episodes):
+  for (name, t, trial), episode in zip(plan, episodes):
     by_domain[name][t].append(episode)
+    if on_episode:
+      on_episode(name, tasks[name][t], trial, episode)
   return {name: score(tasks[name], by_domain[name]) for name in domain_names}
 
 
@@ -81,11 +84,13 @@ def table(report: Mapping[str, Mapping[str, Any]], unseen: Sequence[str] = ()) -
   trials = next(iter(report.values()))['trials']
   ks = sorted({1, trials})
   fmt = lambda v: '-' if v is None else f'{v:.2f}' if isinstance(v, float) else str(v)  # noqa: E731
-  head = ['domain', *[f'pass^{k}' for k in ks], 'tool-call validity', 'argument match', 'turns', 'tasks x trials']
+  head = ['domain', *[f'pass^{k}' for k in ks], 'tool-call validity', 'invalid: unparsable / unknown tool / bad args',
+          'argument match', 'turns', 'tasks x trials']
   rows = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for name, r in report.items():
     label = f'{name} (unseen in SFT)' if name in unseen else name
     rows.append('| ' + ' | '.join([label, *[fmt(r[f'pass^{k}']) for k in ks], fmt(r['tool_call_validity']),
+                                   f'{r["malformed_outputs"]} / {r["unknown_tools"]} / {r["invalid_arguments"]}',
                                    fmt(r['argument_match']), fmt(r['turns']), f'{r["tasks"]} x {r["trials"]}'])
                 + ' |')
   return '\n'.join(rows)
