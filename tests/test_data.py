@@ -133,3 +133,33 @@ def test_unigram_loss_is_the_entropy_of_the_targets():
   batch = {'targets': np.array([[1, 1, 2, 3]]), 'mask': np.array([[1.0, 1.0, 1.0, 0.0]])}
   p = np.array([2 / 3, 1 / 3])
   assert pipeline.unigram_loss([batch], 8) == pytest.approx(-(p * np.log(p)).sum())
+
+
+def test_repeat_fraction_rows_show_their_first_half_twice_and_resume():
+  docs = [f'document number {i} ' * (i + 1) for i in range(40)]
+  plain = pipeline.lm_batches(docs, CharTokenizer(), batch_size=4, seq_len=16, seed=3)
+  mixed = pipeline.lm_batches(docs, CharTokenizer(), batch_size=4, seq_len=16, seed=3, repeat_fraction=0.5)
+  repeated = 0
+  for _ in range(25):
+    want, got = next(plain), next(mixed)
+    for r in range(4):
+      if (got['inputs'][r] == want['inputs'][r]).all():  # untouched rows are the plain pipeline's rows
+        assert all((got[k][r] == want[k][r]).all() for k in want)
+        continue
+      repeated += 1
+      tokens = np.append(got['inputs'][r], got['targets'][r][-1])
+      np.testing.assert_array_equal(tokens[:8], want['inputs'][r][:8])  # the row's own first half ...
+      np.testing.assert_array_equal(tokens[8:16], tokens[:8])            # ... shown twice, one segment
+      np.testing.assert_array_equal(got['targets'][r], tokens[1:])
+      assert (got['segment_ids'][r] == 1).all() and (got['mask'][r] == 1).all()
+      np.testing.assert_array_equal(got['positions'][r], range(16))
+  assert 30 <= repeated <= 70  # of 100 rows at fraction 0.5
+  state = mixed.get_state()
+  expected = [next(mixed) for _ in range(3)]
+  fresh = pipeline.lm_batches(docs, CharTokenizer(), batch_size=4, seq_len=16, seed=3, repeat_fraction=0.5)
+  fresh.set_state(state)
+  for want in expected:
+    got = next(fresh)
+    assert all((got[k] == want[k]).all() for k in want)
+  with pytest.raises(ConfigError, match='repeat_fraction'):
+    pipeline.lm_batches(docs, CharTokenizer(), batch_size=4, seq_len=16, seed=3, repeat_fraction=1.5)

@@ -5,6 +5,7 @@
       -> pack into rows of seq_len (grain ConcatThenSplit: documents are concatenated, cut at row boundaries)
       -> shuffle rows within a window (a long document fills many consecutive rows; without this one batch
          would hold a single document and steps would see wildly different data)
+      -> [repeat_fraction of the rows: the row's first half, shown twice; see _RepeatHalf]
       -> batch [batch_size, seq_len]
 
 Each batch holds int32 `inputs`, `targets` (inputs shifted by one inside each document), `positions` (position in
@@ -148,6 +149,27 @@ def _finish_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   }
 
 
+class _RepeatHalf(grain.transforms.RandomMap):
+  """With probability `fraction`, a row becomes its first half shown twice (one segment, every target counted).
+
+  Copying from the context (induction heads) emerges only after billions of tokens of natural text; a model
+  pretrained on a few million, as the embedded defaults are, cannot copy an id or a name it has just read into a
+  tool call. Rows whose second half repeats the first make copying the cheapest way to lower the loss, so it is
+  learned within a few hundred steps (experiments/probe_copy.py measures it; README, post-training)."""
+
+  def __init__(self, fraction: float):
+    self._fraction = fraction
+
+  def random_map(self, row: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if rng.random() >= self._fraction:
+      return row
+    seq_len = len(row['inputs'])
+    half = row['inputs'][:(seq_len + 1) // 2]
+    tokens = np.concatenate([half, half, half])[:seq_len + 1]
+    return {'inputs': tokens[:-1], 'targets': tokens[1:], 'positions': np.arange(seq_len, dtype=np.int32),
+            'segment_ids': np.ones(seq_len, np.int32), 'mask': np.ones(seq_len, np.float32)}
+
+
 class Batches:
   """The pipeline's iterator. Its state is the grain iterator's, written as a Python literal: grain's own JSON
   form turns the packer's (start, end) tuples into lists, and a restored packer then resumes at the wrong row."""
@@ -174,9 +196,12 @@ class Batches:
 
 def lm_batches(docs: Sequence[str], tok: tokenizer_lib.Tokenizer, *, batch_size: int, seq_len: int, seed: int,
                shuffle: bool = True, repeat: bool = True, process_index: int = 0, process_count: int = 1,
-               shuffle_window_rows: int = 1024) -> Batches:
+               shuffle_window_rows: int = 1024, repeat_fraction: float = 0.0) -> Batches:
   """A checkpointable iterator of packed batches (see the module docstring). Each process reads a disjoint
-  1/process_count of the documents."""
+  1/process_count of the documents. repeat_fraction: the share of rows that show their first half twice
+  (_RepeatHalf; 0 leaves the data as it is)."""
+  if not 0.0 <= repeat_fraction <= 1.0:
+    raise ConfigError(f'repeat_fraction must lie in [0, 1], got {repeat_fraction!r}')
   dataset = grain.MapDataset.source(docs)[process_index::process_count]
   if shuffle:
     dataset = dataset.shuffle(seed=seed)
@@ -190,6 +215,8 @@ def lm_batches(docs: Sequence[str], tok: tokenizer_lib.Tokenizer, *, batch_size:
   dataset = dataset.map(_finish_row)
   if shuffle:
     dataset = grain.experimental.WindowShuffleIterDataset(dataset, window_size=shuffle_window_rows, seed=seed)
+  if repeat_fraction:
+    dataset = dataset.random_map(_RepeatHalf(repeat_fraction), seed=seed)
   return Batches(iter(dataset.batch(batch_size, drop_remainder=True)))
 
 

@@ -69,8 +69,11 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
           checkpoint_every: int = 100, keep_checkpoints: int = 3, eval_every: int = 100, eval_batches: int = 8,
           log_every: int = 10, sample_prompt: str = 'def ', sample_tokens: int = 48,
           loss_chunk: int | None = None, measure_max_logit_after_step: bool = False,
-          init_from: str | None = None) -> dict[str, float]:
+          init_from: str | None = None, repeat_fraction: float = 0.0) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the final metrics, eval_loss and unigram_loss included.
+
+  repeat_fraction: the share of training rows that show their first half twice, so the model learns to copy from
+  its context (k2.data.pipeline._RepeatHalf); the validation rows are never changed.
 
   loss_chunk: take the output logits this many positions at a time in the training loss (None: all at once),
   so only [rows, loss_chunk, vocab] of them are in memory (k2.train.step.chunked_next_token_loss).
@@ -96,7 +99,8 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
                       'holds only empty or one-token documents')
 
   # 2. The run.
-  train_data = pipeline.lm_batches(train_docs, tok, batch_size=local_rows, seq_len=seq_len, seed=seed, **shards)
+  train_data = pipeline.lm_batches(train_docs, tok, batch_size=local_rows, seq_len=seq_len, seed=seed,
+                                   repeat_fraction=repeat_fraction, **shards)
   run_start = time.time()
   state, setup, record, preempted = loop.train_stage(
       workdir, model_config=model_config, mesh=run_mesh, batches=train_data, data_iterator=train_data, seed=seed,
