@@ -21,3 +21,11 @@ def test_a_perfect_copier_scores_one_and_a_context_blind_model_does_not():
   blind = probe_copy.copy_scores(lambda t: jnp.zeros(t.shape + (50,)), tokens)
   np.testing.assert_allclose([blind['loss_first'], blind['loss_second']], np.log(50), rtol=1e-6)
   assert blind['copy_accuracy'] < 0.5
+
+
+def test_text_sequences_are_chunks_of_the_texts_shown_twice():
+  texts = ['short', 'a much longer text than the others, long enough for chunks', 'tiny']
+  tokens = probe_copy.text_sequences(texts, lambda s: [ord(c) for c in s], rows=5, length=8, seed=2)
+  assert tokens.shape == (5, 16) and (tokens[:, :8] == tokens[:, 8:]).all()
+  for row in tokens:
+    assert ''.join(map(chr, row[:8])) in texts[1]
