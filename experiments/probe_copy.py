@@ -1,10 +1,11 @@
-"""Can a checkpoint copy from its context? An induction probe: random token sequences, each shown twice in a row.
+"""Can a checkpoint copy from its context? An induction probe: token sequences (random ids or chunks of real code),
+each shown twice in a row.
 
     python -m experiments.probe_copy --checkpoint WORKDIR/model                   # random token ids
     python -m experiments.probe_copy --checkpoint WORKDIR/model --source stdlib   # chunks of this Python's stdlib
 
 A model that copies predicts the second showing from the first: its loss there falls far below the loss on the
-first showing (which is unpredictable by construction) and its argmax reproduces the sequence. Prints the mean
+first showing (unpredictable for random ids) and its argmax reproduces the sequence. Prints the mean
 next-token loss (nats) on each showing and the argmax copy accuracy on the second. Tool-use SFT needs this ability:
 ids, names and numbers must be copied from the conversation into tool-call arguments.
 """

@@ -154,8 +154,8 @@ class _RepeatHalf(grain.transforms.RandomMap):
 
   Copying from the context (induction heads) emerges only after billions of tokens of natural text; a model
   pretrained on a few million, as the embedded defaults are, cannot copy an id or a name it has just read into a
-  tool call. Rows whose second half repeats the first make copying the cheapest way to lower the loss, so it is
-  learned within a few hundred steps (experiments/probe_copy.py measures it; README, post-training)."""
+  tool call. Rows whose second half repeats the first reward copying directly. Measured on k2_tiny (README,
+  post-training; experiments/probe_copy.py): at 0.5 for 1,200 steps it copies a little, at 0.25 for 400 steps not."""
 
   def __init__(self, fraction: float):
     self._fraction = fraction

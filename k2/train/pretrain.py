@@ -72,8 +72,8 @@ def train(workdir: str, model_config: ModelConfig = gin.REQUIRED, num_steps: int
           init_from: str | None = None, repeat_fraction: float = 0.0) -> dict[str, float]:
   """Trains (or resumes) the run in `workdir`; returns the final metrics, eval_loss and unigram_loss included.
 
-  repeat_fraction: the share of training rows that show their first half twice, so the model learns to copy from
-  its context (k2.data.pipeline._RepeatHalf); the validation rows are never changed.
+  repeat_fraction: the share of training rows that show their first half twice, to reward copying from the
+  context (k2.data.pipeline._RepeatHalf); the validation rows are never changed.
 
   loss_chunk: take the output logits this many positions at a time in the training loss (None: all at once),
   so only [rows, loss_chunk, vocab] of them are in memory (k2.train.step.chunked_next_token_loss).
