@@ -5,7 +5,9 @@
 # installed (see the device README). ROOT=/tmp/r stays for experiments/gpu_rl.sh (RL from $ROOT/sft) on the same
 # warm machine. TOY=1: the same script at toy size on a CPU (a check of the script itself). SYNTH_TASKS: synthesized
 # tasks per domain (600); DEMOS=0 leaves the arithmetic demonstrations out; PT_STEPS, SFT_STEPS: NUM_STEPS (the gins');
-# EVAL_TASKS / EVAL_TRIALS: the held-out eval's tasks per domain and trials (10 / 4).
+# EVAL_TASKS / EVAL_TRIALS: the held-out eval's tasks per domain and trials (10 / 4); COLUMNS=1: arithmetic
+# demonstrations worked column by column (experiments.rl --column_arithmetic); EVAL=0 skips the eval; EXPERTS:
+# routed experts (k2_small's 64 unless set; pass the same binding to gpu_rl.sh).
 set -uo pipefail
 START=${START:-$(date +%s)}
 OUT=${OUT:-/tmp/gpu_agent_pipeline}
@@ -17,6 +19,9 @@ rm -rf "$ROOT"; mkdir -p "$ROOT" "$OUT"
 PT=(); SF=(); EV=(--tasks_per_domain ${EVAL_TASKS:-10} --trials ${EVAL_TRIALS:-4} --num_slots 256 --model_dtype bfloat16)
 [ -n "${PT_STEPS:-}" ] && PT=(--gin_bindings="NUM_STEPS = $PT_STEPS")
 [ -n "${SFT_STEPS:-}" ] && SF=(--gin_bindings="NUM_STEPS = $SFT_STEPS")
+if [ -n "${EXPERTS:-}" ]; then   # routed experts of k2_small (64): 16 makes it 341M total, 168M activated
+  PT+=(--gin_bindings="model_config.num_experts = $EXPERTS"); SF+=(--gin_bindings="model_config.num_experts = $EXPERTS")
+fi
 if [ "${TOY:-0}" = 1 ]; then
   M=(--gin_bindings="model_config.hidden_size = 128" --gin_bindings="model_config.num_layers = 2"
      --gin_bindings="model_config.num_experts = 8" --gin_bindings="model_config.expert_intermediate_size = 64"
@@ -34,7 +39,7 @@ df -h /tmp /dev/shm | tail -2
  echo "synth rc $? at $(el)s"
  [ "${DEMOS:-1}" = 0 ] && exit
  $PY -m experiments.rl --gin_file=configs/rl/small.gin --workdir=/tmp/unused \
-     --demonstrations_out="$ROOT/synth/judged/accepted-arithmetic.jsonl" \
+     --demonstrations_out="$ROOT/synth/judged/accepted-arithmetic.jsonl" $([ "${COLUMNS:-0}" = 1 ] && echo --column_arithmetic) \
      > "$ROOT/demos.log" 2>&1; echo "demonstrations rc $? at $(el)s: $(tail -1 "$ROOT/demos.log")") &
 SYNTH=$!
 echo "=== pretrain at $(el)s"
@@ -56,6 +61,7 @@ cp "$ROOT/pretrain/metrics.jsonl" "$OUT/pretrain_metrics.jsonl"; cp "$ROOT/sft/m
 cp "$ROOT/synth/manifest.json" "$OUT/synth_manifest.json"; cp "$ROOT/synth.log" "$ROOT/demos.log" "$OUT/"
 wc -l "$ROOT"/synth/judged/accepted-*.jsonl
 if [ "${TOY:-0}" != 1 ] && [ "$(left ${EV_END:-585})" -lt ${EV_FULL_S:-170} ]; then EV=(--tasks_per_domain 10 --trials 2 --num_slots 256 --model_dtype bfloat16); fi
+[ "${EVAL:-1}" = 0 ] && exit 0
 echo "eval flags ${EV[*]}"
 echo "=== eval at $(el)s"
 timeout -s TERM -k 5 "$(left ${EV_END:-585})" $PY -m experiments.eval_agent --checkpoint "$ROOT/sft/model" \

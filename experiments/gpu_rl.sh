@@ -2,7 +2,7 @@
 # Issue 16 acceptance 5 on the machine experiments/gpu_agent_pipeline.sh left warm: RL of its SFT'd k2_small
 # ($ROOT/sft) on arithmetic word problems and the calculator tool domain (configs/rl/small.gin), killed by RL_END
 # (~580 s from START, the command's start) if it has not finished; metrics.jsonl is written per iteration, so a killed
-# run keeps its records. Run from the repo root. TOY=1: toy model and sizes on a CPU (a check of the script itself).
+# run keeps its records. Run from the repo root; arguments go to experiments.rl (e.g. --gin_bindings). TOY=1: toy model and sizes on a CPU (a check of the script itself).
 set -uo pipefail
 START=${START:-$(date +%s)}
 OUT=${OUT:-/tmp/gpu_rl}
@@ -28,7 +28,7 @@ fi
 [ "${RESUME:-0}" = 1 ] || rm -rf "$ROOT/rl"
 echo "=== rl at $(el)s"
 timeout -s KILL "$(left ${RL_END:-580})" $PY -m experiments.rl --gin_file=configs/rl/small.gin --workdir="$ROOT/rl" \
-    --gin_bindings="INIT_FROM = '$ROOT/sft'" "${RL[@]}" 2>&1 | tee "$OUT/rl.log"
+    --gin_bindings="INIT_FROM = '$ROOT/sft'" "${RL[@]}" "$@" 2>&1 | tee "$OUT/rl.log"
 echo "rl rc $? at $(el)s"
 cp "$ROOT/rl/metrics.jsonl" "$OUT/rl_metrics.jsonl"; cp "$ROOT/rl/operative_config.gin" "$OUT/" 2>/dev/null
 wc -l "$OUT/rl_metrics.jsonl"

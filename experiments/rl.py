@@ -5,7 +5,8 @@
 
 Rerunning the same command on the same workdir resumes from its latest checkpoint (same prompts, same order).
 `--demonstrations_out=PATH` instead writes the gold demonstrations of the configured domains' training tasks as SFT
-conversations (`--long_share` of them over-long, for budget control) and exits.
+conversations (`--long_share` of them over-long, for budget control; `--column_arithmetic`: sums worked column by
+column) and exits.
 """
 
 import sys
@@ -18,6 +19,7 @@ from k2.config import ConfigError
 _DEMONSTRATIONS_OUT = flags.DEFINE_string('demonstrations_out', None, 'Write SFT demonstrations here and exit.')
 _NUM_DEMONSTRATIONS = flags.DEFINE_integer('num_demonstrations', 4000, 'Demonstrations per domain.')
 _LONG_SHARE = flags.DEFINE_float('long_share', 0.0, 'Share of demonstrations padded past the token budget.')
+_COLUMNS = flags.DEFINE_bool('column_arithmetic', False, 'Arithmetic demonstrations worked column by column.')
 
 
 def main(argv):
@@ -28,6 +30,7 @@ def main(argv):
         'config)', flush=True)
   import gin
   from k2 import distributed, gin_setup
+  from k2.gym import verifiable
   from k2.rl import stage, tasks
   distributed.initialize(launcher._COORDINATOR.value, launcher._NUM_PROCESSES.value, launcher._PROCESS_ID.value)
   try:
@@ -36,7 +39,8 @@ def main(argv):
       domains = gin.query_parameter('rl.domains') or {'arithmetic': None}
       count = tasks.write_demonstrations(
           _DEMONSTRATIONS_OUT.value, stage.domain_tasks(domains, _NUM_DEMONSTRATIONS.value, seed=1, split='train'),
-          long_share=_LONG_SHARE.value)
+          long_share=_LONG_SHARE.value,
+          demonstrate=tasks.column_arithmetic if _COLUMNS.value else verifiable.demonstration)
       print(f'wrote {count} demonstrations to {_DEMONSTRATIONS_OUT.value}', flush=True)
       return
     stage.rl(launcher._WORKDIR.value)

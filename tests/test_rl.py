@@ -329,3 +329,31 @@ def test_rl_compare_of_a_model_with_itself_is_zero_and_a_missing_model_is_one_er
                            timeout=600, env=env)
   assert missing.returncode != 0
   assert missing.stderr.strip().splitlines() == [f'error: init_from {tmp_path / "nope"}: no such directory']
+
+
+def test_demonstrations_cli_writes_column_arithmetic_with_long_ones(tmp_path):
+  """`experiments.rl --demonstrations_out --column_arithmetic --long_share`: SFT conversations of gold responses worked
+  column by column, a share of them padded past the budget, every one scoring 1."""
+  import subprocess
+  import sys
+  from k2.gym import verifiable
+  from k2.gym.verifiable import arithmetic
+  from tests.test_pretrain_smoke import ROOT
+  out = tmp_path / 'demos.jsonl'
+  result = subprocess.run([sys.executable, '-m', 'experiments.rl', '--gin_file=configs/rl/tiny.gin', '--workdir=/tmp/x',
+                           f'--demonstrations_out={out}', '--num_demonstrations=60', '--column_arithmetic',
+                           '--long_share=0.25', "--gin_bindings=rl.domains = {'arithmetic': 2}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 0, result.stderr[-2000:]
+  rows = [json.loads(line)['messages'] for line in open(out)]
+  assert len(rows) == 60
+  train = {t.prompt: t for t in verifiable.sample_tasks('arithmetic', 60, seed=1, split='train', level=2)}
+  padded = 0
+  for user, assistant in rows:
+    task = train[user['content']]
+    assert verifiable.score(task, assistant['content']).value == 1.0
+    if assistant['content'] != arithmetic.column_demonstration(task):
+      padded += 1
+      assert 'Let me check that again.' in assistant['content']
+  assert 5 <= padded <= 25

@@ -20,6 +20,37 @@ def test_demonstrations_score_one_on_every_level_and_split(domain):
         assert verifiable.score(task, verifiable.demonstration(task)) == verifiable.Reward(1.0, 'correct')
 
 
+def test_column_arithmetic_scores_one_and_every_column_is_a_single_digit_fact():
+  """Column-by-column working: right on every level and split, and built only from single-digit facts (with a carry
+  or borrow), so a held-out sum is made of steps that training sums show too."""
+  from k2.gym.verifiable import arithmetic
+  columns = 0
+  for level in arithmetic.LEVELS:
+    for split in ('train', 'heldout'):
+      for task in verifiable.sample_tasks('arithmetic', 20, seed=2, split=split, level=level):
+        gold = arithmetic.column_demonstration(task)
+        assert verifiable.score(task, gold) == verifiable.Reward(1.0, 'correct')
+        for line in gold.splitlines()[:-1]:
+          if ':' not in line:
+            continue
+          for step in line.split(': ')[1].split(', ')[:-1]:
+            left, right = step.split(' = ')
+            terms = left.split()
+            assert eval(left) == int(right), step  # noqa: S307 (our own digits and + / -)
+            assert all(len(t) == 1 for t in terms[2:]) and len(terms[0]) <= 2, step
+            columns += 1
+  assert columns > 100
+  assert arithmetic.column_demonstration(_arithmetic_task(83, '-', 47)).startswith(
+      '83 - 47: 13 - 7 = 6, 8 - 1 - 4 = 3, so 83 - 47 = 36')
+  assert arithmetic.column_demonstration(_arithmetic_task(58, '+', 69)).startswith(
+      '58 + 69: 8 + 9 = 17, 5 + 6 + 1 = 12, 0 + 0 + 1 = 1, so 58 + 69 = 127')
+
+
+def _arithmetic_task(start, op, n):
+  task = verifiable.sample_tasks('arithmetic', 1, seed=0, level=2)[0]
+  return dataclasses.replace(task, meta={'start': start, 'steps': [[op, n]]})
+
+
 @pytest.mark.parametrize('domain', ['arithmetic', 'game24', 'sudoku', 'instructions'])
 def test_splits_are_disjoint_and_sampling_is_deterministic(domain):
   train = verifiable.sample_tasks(domain, 150, seed=0, split='train')

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from k2 import chat
 from k2.gym import verifiable
+from k2.gym.verifiable import arithmetic
 from k2.rl.trainer import Prompt, RewardFn
 
 IM_END = '<|im_end|>'
@@ -58,24 +59,33 @@ def reward_fn(tokenizer: chat.Tokenizer) -> RewardFn:
   return score
 
 
-def padded_demonstration(task: verifiable.Task, repeats: int) -> str:
+def padded_demonstration(task: verifiable.Task, repeats: int,
+                         demonstrate: Callable[[verifiable.Task], str] = verifiable.demonstration) -> str:
   """The gold response with its working restated `repeats` times before the answer: an over-long demonstration
   (for budget control: SFT on a share of these makes the model overrun its token budget)."""
-  lines = verifiable.demonstration(task).splitlines()
+  lines = demonstrate(task).splitlines()
   working, answer = lines[:-1], lines[-1]
   return '\n'.join(working + ['Let me check that again.', *working] * repeats + [answer])
 
 
+def column_arithmetic(task: verifiable.Task) -> str:
+  """The gold response, with arithmetic worked column by column (`arithmetic.column_demonstration`)."""
+  if task.domain == arithmetic.NAME:
+    return arithmetic.column_demonstration(task)
+  return verifiable.demonstration(task)
+
+
 def write_demonstrations(path: str, tasks: Sequence[verifiable.Task], *, long_share: float = 0.0,
-                         long_repeats: int = 3, seed: int = 0) -> int:
-  """JSONL conversations (k2.data.conversations) of the tasks' gold responses; a `long_share` of them padded
-  (`padded_demonstration`). Returns how many were written."""
+                         long_repeats: int = 3, seed: int = 0,
+                         demonstrate: Callable[[verifiable.Task], str] = verifiable.demonstration) -> int:
+  """JSONL conversations (k2.data.conversations) of the tasks' gold responses (`demonstrate`); a `long_share` of
+  them padded (`padded_demonstration`). Returns how many were written."""
   rng = random.Random(seed)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, 'w') as f:
     for task in tasks:
-      answer = (padded_demonstration(task, long_repeats) if rng.random() < long_share
-                else verifiable.demonstration(task))
+      answer = (padded_demonstration(task, long_repeats, demonstrate) if rng.random() < long_share
+                else demonstrate(task))
       f.write(json.dumps({'messages': [{'role': 'user', 'content': task.prompt},
                                        {'role': 'assistant', 'content': answer}]}) + '\n')
   return len(tasks)

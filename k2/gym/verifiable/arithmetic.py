@@ -98,3 +98,36 @@ def demonstration(task: Task) -> str:
     lines.append(f'{value} {op} {n} = {result}')
     value = result
   return '\n'.join(lines + [f'Answer: {task.answer}'])
+
+
+def column_demonstration(task: Task) -> str:
+  """`demonstration` with every addition or subtraction of a two-digit number worked column by column, units first
+  ('34 + 58: 4 + 8 = 12, 3 + 5 + 1 = 9, so 34 + 58 = 92'): every step is then a single-digit fact (with a carry or
+  a borrow), so a held-out problem, whose numbers never occur together in training, is made of steps that do."""
+  value, lines = task.meta['start'], []
+  for op, n in task.meta['steps']:
+    result = _apply(value, op, n)
+    columns = _columns(value, op, n) if op in '+-' and max(value, n) >= 10 else []
+    lines.append(f'{value} {op} {n}: ' + ', '.join(columns) + f', so {value} {op} {n} = {result}' if columns
+                 else f'{value} {op} {n} = {result}')
+    value = result
+  return '\n'.join(lines + [f'Answer: {task.answer}'])
+
+
+def _columns(a: int, op: str, b: int) -> list[str]:
+  """The column steps of a + b or a - b (a >= b), units first: 'top op digit [+ carry] = result'. A borrow shows as
+  the column's top digit plus 10 ('13 - 7 = 6') and the next column's top digit minus 1 ('8 - 1 - 4 = 3')."""
+  columns, carry, place = [], 0, 1
+  while place <= max(a, b) or carry:
+    da, db = a // place % 10, b // place % 10
+    if op == '+':
+      total = da + db + carry
+      columns.append(f'{da} + {db}' + (' + 1' if carry else '') + f' = {total}')
+      carry = total // 10
+    else:
+      top = da - carry
+      carry = int(top < db)
+      shown = f'{da} - 1' if top != da else f'{da}'
+      columns.append((f'{top + 10}' if carry else shown) + f' - {db} = {top + 10 * carry - db}')
+    place *= 10
+  return columns
