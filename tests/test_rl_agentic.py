@@ -154,3 +154,22 @@ def test_rl_iteration_on_tool_prompts_with_a_real_model(tokenizer, monkeypatch):
   assert metrics['skipped_update'] == 0.0 and metrics['log_ratio_first_step'] < 1e-5
   assert metrics['logprob_gap_abs_max'] < 1e-3
   assert 'reward/tool/calculator' in metrics and metrics['truncation_rate'] == 1.0
+
+
+def test_rl_tool_tasks_are_not_the_synthesized_sft_tasks(tokenizer):
+  """RL's tool-domain training tasks (rl.tool_task_seed's default) share no task with what the default synthesis
+  (experiments.synth: seed 0) turned into SFT trajectories, and its held-out prompts come from the held-out split."""
+  import inspect
+  from k2.rl import stage
+  from k2.synth import pipeline as synth_pipeline
+  synth_seed = synth_pipeline.SynthConfig().seed
+  default_seed = inspect.signature(stage.rl).parameters['tool_task_seed'].default
+  train, held_out = stage.prompt_sets({}, ['calculator'], tokenizer, budgets={}, seed=0, tool_task_seed=default_seed,
+                                      num_train=64, num_eval=8, tool_episode_tokens=384)
+  synthesized = gym.domains.get('calculator').sample_tasks(1800, synth_seed, 'train')
+  key = lambda task: (task.instruction, repr(task.gold_actions))
+  assert not {key(p.task.task) for p in train} & {key(t) for t in synthesized}
+  assert {p.task.task.split for p in held_out} == {'heldout'} and len(train) == 64
+  same, _ = stage.prompt_sets({}, ['calculator'], tokenizer, budgets={}, seed=0, tool_task_seed=synth_seed,
+                              num_train=64, num_eval=8, tool_episode_tokens=384)
+  assert {key(p.task.task) for p in same} <= {key(t) for t in synthesized}  # what the default avoids
