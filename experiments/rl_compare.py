@@ -1,7 +1,11 @@
 """Paired held-out comparison of two checkpoints (e.g. an SFT'd model and its RL'd successor) on verifiable prompts.
 
     python -m experiments.rl_compare --before /tmp/k2_sft_instr/checkpoints/400 --after /tmp/k2_rl_instr \
-        --domain instructions --level 3 --budget 96
+        --model k2_tiny --domain instructions --level 3 --budget 96
+    python -m experiments.rl_compare --before /tmp/r/sft/model --after /tmp/r/rl/model --domain arithmetic
+
+Exported models (a run's model/) are read with their own architecture; training workdirs and checkpoints need
+`--model`.
 
 Both models answer the same held-out prompts (`--seed` draws them, so a set the RL run never evaluated on can be
 used): per prompt, the sampled pass rate over `--samples` responses at `--temperature` and the greedy pass. Printed:
@@ -16,7 +20,8 @@ from absl import app, flags, logging
 
 _BEFORE = flags.DEFINE_string('before', None, 'The first model: a workdir, checkpoint or exported model.', required=True)
 _AFTER = flags.DEFINE_string('after', None, 'The second model, the same way.', required=True)
-_MODEL = flags.DEFINE_string('model', 'k2_tiny', 'Model variant of both (k2.config.VARIANTS).')
+_MODEL = flags.DEFINE_string('model', None, "Model variant of both (k2.config.VARIANTS); default: each exported "
+                             "model's own config.json (name one for training workdirs and checkpoints).")
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, "Tokenizer file; default: the one saved with --after's model.")
 _DOMAIN = flags.DEFINE_string('domain', 'instructions', 'k2.gym.verifiable domain.')
 _LEVEL = flags.DEFINE_integer('level', None, 'Level of the domain (default: its levels mixed).')
@@ -25,6 +30,21 @@ _PROMPTS = flags.DEFINE_integer('prompts', 512, 'Held-out prompts.')
 _SAMPLES = flags.DEFINE_integer('samples', 16, 'Sampled responses per prompt.')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.6, 'Sampling temperature.')
 _SEED = flags.DEFINE_integer('seed', 1, 'Seed of the held-out draw and the sampling.')
+
+
+def _load(path, loop, get_config):
+  """The model at `path`: with --model, any init_from path (loop.initial_model); without, an exported model
+  directory read with its own architecture (config.json)."""
+  import os
+  from k2 import convert
+  from k2.config import ConfigError
+  if _MODEL.value:
+    return loop.initial_model(get_config(_MODEL.value), 0, path)
+  if not os.path.isdir(path):
+    raise ConfigError(f'{path}: no such directory')
+  if not os.path.isfile(os.path.join(path, 'config.json')):
+    raise ConfigError(f'{path} is not an exported model directory (config.json + state/): name its --model')
+  return convert.load_orbax(path)
 
 
 def main(argv):
@@ -40,7 +60,7 @@ def main(argv):
     held_out = verifiable.sample_tasks(_DOMAIN.value, _PROMPTS.value, seed=_SEED.value, split='heldout',
                                        level=_LEVEL.value)
     prompts = tasks.prompts(held_out, tok, {_DOMAIN.value: _BUDGET.value})
-    models = [(path, loop.initial_model(get_config(_MODEL.value), 0, path)) for path in (_BEFORE.value, _AFTER.value)]
+    models = [(path, _load(path, loop, get_config)) for path in (_BEFORE.value, _AFTER.value)]
   except (ConfigError, ValueError) as e:
     sys.exit(f'error: {e}')
   print(f'{len(prompts)} held-out prompts ({len({t.prompt for t in held_out})} distinct) of {_DOMAIN.value} level '

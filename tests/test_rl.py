@@ -328,7 +328,11 @@ def test_rl_compare_of_a_model_with_itself_is_zero_and_a_missing_model_is_one_er
                             f'--after={tmp_path / "model"}'] + flags, cwd=ROOT, capture_output=True, text=True,
                            timeout=600, env=env)
   assert missing.returncode != 0
-  assert missing.stderr.strip().splitlines() == [f'error: init_from {tmp_path / "nope"}: no such directory']
+  assert missing.stderr.strip().splitlines() == [f'error: {tmp_path / "nope"}: no such directory']
+  named = subprocess.run([sys.executable, '-m', 'experiments.rl_compare', f'--before={tmp_path / "nope"}',
+                          f'--after={tmp_path / "model"}', '--model=k2_tiny'] + flags, cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, env=env)
+  assert named.stderr.strip().splitlines() == [f'error: init_from {tmp_path / "nope"}: no such directory']
 
 
 def test_demonstrations_cli_writes_column_arithmetic_with_long_ones(tmp_path):
