@@ -2,7 +2,10 @@
 # Issue 16 acceptance 5 on the machine experiments/gpu_agent_pipeline.sh left warm: RL of its SFT'd k2_small
 # ($ROOT/sft) on arithmetic word problems and the calculator tool domain (configs/rl/small.gin), killed by RL_END
 # (~580 s from START, the command's start) if it has not finished; metrics.jsonl is written per iteration, so a killed
-# run keeps its records. Run from the repo root; arguments go to experiments.rl (e.g. --gin_bindings). TOY=1: toy model and sizes on a CPU (a check of the script itself).
+# run keeps its records. Run from the repo root; arguments go to experiments.rl (e.g. --gin_bindings).
+# COMPARE_LEVELS=1,2,3: then, inside the same deadline, experiments.rl_compare of the SFT'd and the RL'd model on
+# held-out arithmetic of those levels (COMPARE_PROMPTS per level, 8 samples, budget COMPARE_BUDGET).
+# TOY=1: toy model and sizes on a CPU (a check of the script itself).
 set -uo pipefail
 START=${START:-$(date +%s)}
 OUT=${OUT:-/tmp/gpu_rl}
@@ -35,3 +38,10 @@ timeout -s KILL "$(left ${RL_END:-580})" $PY -m experiments.rl --gin_file=config
 echo "rl rc $? at $(el)s"
 cp "$ROOT/rl/metrics.jsonl" "$OUT/rl_metrics.jsonl"; cp "$ROOT/rl/operative_config.gin" "$OUT/" 2>/dev/null
 wc -l "$OUT/rl_metrics.jsonl"
+if [ -n "${COMPARE_LEVELS:-}" ] && [ -d "$ROOT/rl/model" ] && [ "$(left ${RL_END:-580})" -gt 20 ]; then
+  echo "=== rl_compare (arithmetic levels $COMPARE_LEVELS) at $(el)s"
+  timeout -s KILL "$(left ${RL_END:-580})" $PY -m experiments.rl_compare --before "$ROOT/sft/model" \
+      --after "$ROOT/rl/model" --domain arithmetic --level "$COMPARE_LEVELS" --budget ${COMPARE_BUDGET:-96} \
+      --prompts ${COMPARE_PROMPTS:-256} --samples 8 2>&1 | grep -v Warn | tee "$OUT/rl_compare.txt"
+  echo "rl_compare rc $? at $(el)s"
+fi

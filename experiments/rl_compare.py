@@ -24,7 +24,8 @@ _MODEL = flags.DEFINE_string('model', None, "Model variant of both (k2.config.VA
                              "model's own config.json (name one for training workdirs and checkpoints).")
 _TOKENIZER = flags.DEFINE_string('tokenizer', None, "Tokenizer file; default: the one saved with --after's model.")
 _DOMAIN = flags.DEFINE_string('domain', 'instructions', 'k2.gym.verifiable domain.')
-_LEVEL = flags.DEFINE_integer('level', None, 'Level of the domain (default: its levels mixed).')
+_LEVEL = flags.DEFINE_list('level', None, 'Level(s) of the domain, e.g. 3 or 1,2,3 (--prompts of each); default: '
+                           'its levels mixed.')
 _BUDGET = flags.DEFINE_integer('budget', 96, 'Token budget of a response (a truncated one fails).')
 _PROMPTS = flags.DEFINE_integer('prompts', 512, 'Held-out prompts.')
 _SAMPLES = flags.DEFINE_integer('samples', 16, 'Sampled responses per prompt.')
@@ -57,14 +58,15 @@ def main(argv):
   from k2.train import loop, sft
   try:
     tok = sft.model_tokenizer(_AFTER.value, _TOKENIZER.value)
-    held_out = verifiable.sample_tasks(_DOMAIN.value, _PROMPTS.value, seed=_SEED.value, split='heldout',
-                                       level=_LEVEL.value)
+    held_out = [task for level in (_LEVEL.value or [None])
+                for task in verifiable.sample_tasks(_DOMAIN.value, _PROMPTS.value, seed=_SEED.value, split='heldout',
+                                                    level=None if level is None else int(level))]
     prompts = tasks.prompts(held_out, tok, {_DOMAIN.value: _BUDGET.value})
     models = [(path, _load(path, loop, get_config)) for path in (_BEFORE.value, _AFTER.value)]
   except (ConfigError, ValueError) as e:
     sys.exit(f'error: {e}')
   print(f'{len(prompts)} held-out prompts ({len({t.prompt for t in held_out})} distinct) of {_DOMAIN.value} level '
-        f'{_LEVEL.value}; {_SAMPLES.value} samples each at T {_TEMPERATURE.value}', flush=True)
+        f'{",".join(_LEVEL.value or ["mixed"])}; {_SAMPLES.value} samples each at T {_TEMPERATURE.value}', flush=True)
   reward_fn, stop = tasks.reward_fn(tok), [tok.special_tokens['<|im_end|>']]
   config = trainer.RLConfig(samples_per_prompt=_SAMPLES.value, num_slots=256)
   results = []
