@@ -333,6 +333,13 @@ def test_rl_compare_of_a_model_with_itself_is_zero_and_a_missing_model_is_one_er
                           f'--after={tmp_path / "model"}', '--model=k2_tiny'] + flags, cwd=ROOT, capture_output=True,
                          text=True, timeout=600, env=env)
   assert named.stderr.strip().splitlines() == [f'error: init_from {tmp_path / "nope"}: no such directory']
+  tool = subprocess.run([sys.executable, '-m', 'experiments.rl_compare', f'--before={tmp_path / "model"}',
+                         f'--after={tmp_path / "model"}', '--domain=calculator', '--prompts=2', '--samples=2',
+                         '--episode_tokens=24', '--turn_tokens=8', '--max_assistant_turns=2'], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, env=env)
+  assert tool.returncode == 0, tool.stderr[-3000:]
+  assert '2 held-out prompts (2 distinct) of calculator episodes; 2 samples each' in tool.stdout
+  assert 'sampled pass@1: +0.000 (standard error over prompts 0.000); 0 prompts better, 0 worse' in tool.stdout
 
 
 def test_demonstrations_cli_writes_column_arithmetic_with_long_ones(tmp_path):
