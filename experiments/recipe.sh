@@ -6,7 +6,8 @@
 #
 # SIZE picks configs/pretrain/SIZE.gin, configs/sft/SIZE.gin and the RL config (tiny: the calculator tool domain,
 # configs/rl/tiny_calculator.gin; small: arithmetic and calculator, configs/rl/small.gin). The SFT data are the
-# synthesized trajectories plus arithmetic demonstrations (RL's arithmetic needs the answer format). Every stage
+# synthesized trajectories plus arithmetic demonstrations worked column by column (RL's arithmetic needs the answer
+# format; the column form is what generalizes to held-out sums, README). Every stage
 # resumes where it stopped when rerun (checkpoints, synthesis shards); arguments after SIZE go to every eval_agent
 # run (e.g. --tasks_per_domain 10).
 set -euo pipefail
@@ -25,7 +26,7 @@ python -m experiments.synth --out "$ROOT/synth"
 RL_GIN=configs/rl/tiny_calculator.gin
 [ "$SIZE" = small ] && RL_GIN=configs/rl/small.gin
 [ -f "$ROOT/arithmetic.jsonl" ] || python -m experiments.rl --gin_file=configs/rl/small.gin --workdir="$ROOT/rl" \
-    --demonstrations_out="$ROOT/arithmetic.jsonl"
+    --demonstrations_out="$ROOT/arithmetic.jsonl" --column_arithmetic
 
 stage "SFT: the pretrained model on the accepted trajectories and the arithmetic demonstrations"
 python -m experiments.sft --gin_file=configs/sft/$SIZE.gin --workdir="$ROOT/sft" \
