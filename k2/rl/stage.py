@@ -73,7 +73,7 @@ def rl(workdir: str, model_config: ModelConfig = gin.REQUIRED, config: trainer.R
   multi-turn episodes (k2.rl.agentic), each within tool_episode_tokens after its prompt and tool_turn_tokens a turn;
   their training tasks are drawn with tool_task_seed, not synthesis' seed (experiments.synth --seed 0): with the
   same seed, RL's tasks were the first of the SFT trajectories' own tasks, which the SFT'd model had seen solved
-  (k2_small, H100, 2026-12-07: pass@1 0.8 on them against 0.26 on held-out tasks, and no held-out gain).
+  (a 341M K2, H100, 2026-12-07: pass@1 0.8 on them against 0.26 on held-out tasks, and no held-out gain).
   `domains` may be empty when tool_domains is not."""
   domains = dict({'arithmetic': None} if domains is None else domains)
   if not domains and not tool_domains:
