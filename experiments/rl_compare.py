@@ -94,9 +94,9 @@ def main(argv):
                                          agentic=agentic)
     trainer.score_episodes(sampled, prompts, reward_fn, config)
     rates = np.array([[r >= 1.0 for r in row] for row in sampled.rewards], float).mean(axis=1)
-    if agentic:  # as trainer.evaluate: one greedy episode per prompt, passed if it ended with the full reward
-      greedy_pass = np.array([g[0].finish == 'stop' and g[0].reward >= 1.0
-                              for g in agentic(model, prompts, ids, 1, 0.0, _SEED.value, 256)], float)
+    if agentic:
+      greedy_pass = np.array(trainer.greedy_episode_passes(model, prompts, ids, agentic, seed=_SEED.value,
+                                                           num_slots=256), float)
     else:
       greedy_pass = np.array(trainer.greedy_passes(model, prompts, reward_fn, stop_tokens=stop, num_slots=256), float)
     results.append((rates, greedy_pass))

@@ -502,6 +502,14 @@ def greedy_passes(model: model_lib.Transformer, prompts: Sequence[Prompt], rewar
           for p, tokens, finish in zip(prompts, greedy.tokens, greedy.finish_reasons)]
 
 
+def greedy_episode_passes(model: model_lib.Transformer, prompts: Sequence[Prompt], prompt_ids: Sequence[int], agentic,
+                          *, pass_threshold: float = 1.0, seed: int = 0, num_slots: int = 64, mesh=None) -> list[bool]:
+  """Per agentic prompt of `prompt_ids`: whether its greedy episode (played by `agentic`) ends within its budget
+  with reward >= pass_threshold."""
+  return [group[0].finish == 'stop' and group[0].reward >= pass_threshold
+          for group in agentic(model, prompts, prompt_ids, 1, 0.0, seed, num_slots, mesh)]
+
+
 def evaluate(model: model_lib.Transformer, prompts: Sequence[Prompt], reward_fn: RewardFn, *, samples: int,
              temperature: float, stop_tokens: Sequence[int], pass_threshold: float = 1.0, seed: int = 0,
              num_slots: int = 64, mesh=None, agentic=None) -> dict[str, float]:
@@ -517,8 +525,8 @@ def evaluate(model: model_lib.Transformer, prompts: Sequence[Prompt], reward_fn:
   greedy_pass = greedy_passes(model, [prompts[i] for i in single], reward_fn, stop_tokens=stop_tokens,
                               pass_threshold=pass_threshold, num_slots=num_slots, mesh=mesh) if single else []
   if tool:
-    greedy_pass += [group[0].finish == 'stop' and group[0].reward >= pass_threshold
-                    for group in agentic(model, prompts, tool, 1, 0.0, seed, num_slots, mesh)]
+    greedy_pass += greedy_episode_passes(model, prompts, tool, agentic, pass_threshold=pass_threshold, seed=seed,
+                                         num_slots=num_slots, mesh=mesh)
   metrics = episode_metrics(sampled, prompts, config)
   return {'pass@1': metrics['pass@1'], 'greedy_accuracy': float(np.mean(greedy_pass)), 'reward': metrics['reward'],
           'truncation_rate': metrics['truncation_rate'], 'response_length_mean': metrics['response_length_mean'],
