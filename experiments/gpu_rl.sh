@@ -5,6 +5,8 @@
 # run keeps its records. Run from the repo root; arguments go to experiments.rl (e.g. --gin_bindings).
 # COMPARE_LEVELS=1,2,3: then, inside the same deadline, experiments.rl_compare of the SFT'd and the RL'd model on
 # held-out arithmetic of those levels (COMPARE_PROMPTS per level, 8 samples, budget COMPARE_BUDGET).
+# COMPARE_TOOL=1: after it, the same paired comparison on held-out calculator episodes (64 tasks x 4, T 0.3, a draw
+# (seed 1) apart from RL's own held-out set).
 # TOY=1: toy model and sizes on a CPU (a check of the script itself).
 set -uo pipefail
 START=${START:-$(date +%s)}
@@ -43,5 +45,12 @@ if [ -n "${COMPARE_LEVELS:-}" ] && [ -d "$ROOT/rl/model" ] && [ "$(left ${RL_END
   timeout -s KILL "$(left ${RL_END:-580})" $PY -m experiments.rl_compare --before "$ROOT/sft/model" \
       --after "$ROOT/rl/model" --domain arithmetic --level "$COMPARE_LEVELS" --budget ${COMPARE_BUDGET:-96} \
       --prompts ${COMPARE_PROMPTS:-256} --samples 8 2>&1 | grep -v Warn | tee "$OUT/rl_compare.txt"
+  echo "rl_compare rc $? at $(el)s"
+fi
+if [ "${COMPARE_TOOL:-0}" = 1 ] && [ -d "$ROOT/rl/model" ] && [ "$(left ${RL_END:-580})" -gt 20 ]; then
+  echo "=== rl_compare (calculator episodes) at $(el)s"
+  timeout -s KILL "$(left ${RL_END:-580})" $PY -m experiments.rl_compare --before "$ROOT/sft/model" \
+      --after "$ROOT/rl/model" --domain calculator --prompts 64 --samples 4 --temperature 0.3 --seed 1 2>&1 \
+      | grep -v Warn | tee "$OUT/rl_compare_calculator.txt"
   echo "rl_compare rc $? at $(el)s"
 fi

@@ -2,6 +2,7 @@
 
     python -m experiments.synth --out /tmp/k2_synth --tasks_per_domain 600 --shard_size 200
     python -m experiments.synth --out /tmp/k2_synth_fail --failure_rate 0.1      # the expert learns to retry
+    python -m experiments.synth --out /tmp/k2_synth_slip --slip_rate 0.2         # ... and to recover from slips
     python -m experiments.synth --out /tmp/k2_synth_http --backend openai --base_url http://localhost:8000/v1 \
         --model k2 --judge programmatic+llm                                        # any OpenAI-compatible endpoint
     python -m experiments.synth --out /tmp/k2_synth_tools --tool_specs mcp_tools.json --evolved_domains 2
@@ -44,6 +45,8 @@ _RETRIES = flags.DEFINE_integer('max_retries', 2, "Retries of a timed-out or 5xx
 _JUDGE = flags.DEFINE_enum('judge', 'programmatic', JUDGES,
                            'programmatic checks, an LLM judge at --base_url, or both ANDed.')
 _FAILURE_RATE = flags.DEFINE_float('failure_rate', 0.0, 'Share of tool calls failing transiently, in [0, 1).')
+_SLIP_RATE = flags.DEFINE_float('slip_rate', 0.0, "Share of the expert's calls preceded by a slip it recovers from "
+                                '(a wrong tool name or a missing argument, kept out of the SFT loss), in [0, 1].')
 _TOOL_SPECS = flags.DEFINE_list('tool_specs', [], 'JSON tool spec files (OpenAI function specs or MCP tools/list) '
                                 'for the tools step; checked before anything runs.')
 _EVOLVED = flags.DEFINE_integer('evolved_domains', 0, 'Evolved synthetic domains per category for the tools step.')
@@ -72,12 +75,12 @@ def main(argv):
   try:
     config = synth.SynthConfig(tasks_per_domain=_TASKS.value, shard_size=_SHARD.value, seed=_SEED.value,
                                domains=tuple(_DOMAINS.value), failure_rate=_FAILURE_RATE.value,
-                               tool_specs=tuple(_TOOL_SPECS.value), evolved_domains_per_category=_EVOLVED.value,
+                               slip_rate=_SLIP_RATE.value, tool_specs=tuple(_TOOL_SPECS.value), evolved_domains_per_category=_EVOLVED.value,
                                evolved_tasks_per_domain=_EVOLVED_TASKS.value)
     endpoint = synth.OpenAIBackend(_BASE_URL.value, _MODEL.value, api_key=_API_KEY.value,
                                    temperature=_TEMPERATURE.value, timeout_s=_TIMEOUT.value,
                                    max_retries=_RETRIES.value) if uses_endpoint else None
-    backend = endpoint if _BACKEND.value == 'openai' else synth.ExpertBackend()
+    backend = endpoint if _BACKEND.value == 'openai' else None   # None: the expert (with --slip_rate)
     judges = {'programmatic': synth.judge, 'llm': endpoint and synth.LLMJudge(endpoint)}
     judge = synth.all_of(*(judges[name] for name in _JUDGE.value.split('+')))
     start = time.perf_counter()

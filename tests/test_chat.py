@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from k2 import chat
+from k2 import chat, synth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,6 +136,25 @@ def test_tokens_and_loss_mask_match_the_text(tokenizer):
       current = []
   runs += [current] if current else []
   assert [chat.decode(run, tokenizer) for run in runs] == ASSISTANT_OUTPUTS
+
+
+def test_weight_zero_keeps_an_assistant_message_in_the_text_and_out_of_the_loss():
+  # OpenAI's fine-tuning shape: {"role": "assistant", ..., "weight": 0}. Only the first assistant message is
+  # weighted out; the text is unchanged, and so are the other messages' masks.
+  dicts = [synth.message_dict(m) for m in CONVERSATION]
+  first = next(i for i, m in enumerate(dicts) if m['role'] == 'assistant')
+  dicts[first]['weight'] = 0
+  weighted = [chat.Message.from_dict(m) for m in dicts]
+  assert [synth.message_dict(m) for m in weighted] == dicts
+  plain = chat.render(CONVERSATION, SMALL_IDS, tools=TOOLS)
+  rendered = chat.render(weighted, SMALL_IDS, tools=TOOLS)
+  assert rendered.text == plain.text and rendered.tokens == plain.tokens
+  dropped = [t for t, a, b in zip(rendered.tokens, plain.loss_mask, rendered.loss_mask) if a and not b]
+  assert chat.decode(dropped, SMALL_IDS) == ASSISTANT_OUTPUTS[0]
+  assert sum(plain.loss_mask) - sum(rendered.loss_mask) == len(dropped) > 0
+  for bad in ({'role': 'user', 'content': 'hi', 'weight': 0}, {'role': 'assistant', 'content': 'x', 'weight': 2}):
+    with pytest.raises(ValueError, match='weight is 0 or 1'):
+      chat.Message.from_dict(bad)
 
 
 def test_tokenizer_without_chat_tokens_is_one_line_error():

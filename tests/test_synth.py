@@ -143,6 +143,48 @@ class GarbageBackend:
     return lambda history: '<|tool_calls_section_begin|><|tool_call_begin|>functions.get_order:0'
 
 
+def test_slips_are_refused_recovered_from_kept_out_of_the_loss_and_accepted(tmp_path):
+  config = dataclasses.replace(SMALL, slip_rate=0.5)
+  summary = synth.run(tmp_path, config)
+  assert summary['accepted'] == 40 and summary['rejected'] == 0
+  records = [r for p in sorted((tmp_path / 'trajectories').glob('*.jsonl')) for r in synth.read_jsonl(p)]
+  convs = conversations.read(str(tmp_path / 'judged' / 'accepted-*.jsonl'))
+  slips = 0
+  for record, conv in zip(records, convs):
+    messages = conv['messages']
+    assert [m.weight for m in messages] == [m.get('weight', 1) for m in record['messages'][:len(messages)]]
+    for i, message in enumerate(messages):
+      if message.weight:
+        continue
+      slips += 1
+      (slip,), (result,), (fix,) = message.tool_calls, [messages[i + 1]], messages[i + 2].tool_calls
+      tools = {spec['function']['name'] for spec in conv['tools']}
+      assert result.role == 'tool' and result.content.startswith(('error: unknown tool', 'error: invalid arguments'))
+      assert fix.name in tools and messages[i + 2].weight == 1   # the right call follows the refused one
+      assert (slip.name not in tools and slip.arguments == fix.arguments) or \
+          (slip.name == fix.name and set(slip.arguments) < set(fix.arguments))
+    rendered = chat.render(messages, Tokens(), conv['tools'])  # the slips' text is there, out of the loss
+    trained = ''.join(t for t, keep in zip(rendered.tokens, rendered.loss_mask) if keep)
+    for message in messages:
+      for call in message.tool_calls:
+        assert (f'>{call.id}<' in trained) == bool(message.weight) and call.id in rendered.text
+  assert slips > 20
+  # every task's gold calls are still all made; a slip that the environment runs (a valid call marked weight 0) is
+  # not a slip: the judge rejects it
+  task = next(t for t in tasks_of('retail') if t.kind == 'act')
+  plan = synth.varied_expert_messages(task, seed=0)
+  plan.insert(0, dataclasses.replace(plan[0], weight=0))
+  assert has_reason(verdict(task, replay(plan)), 'planted slip')
+
+
+class Tokens:
+  """A tokenizer of one-character tokens plus the chat specials written out in angle brackets (<name>)."""
+  special_tokens = {name: f'<{name}>' for name in chat.CHAT_SPECIAL_TOKENS}
+
+  def encode(self, text):
+    return list(text)
+
+
 def test_varied_expert_keeps_the_calls_and_varies_the_words():
   for name in DOMAINS:
     texts = set()

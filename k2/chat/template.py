@@ -89,28 +89,34 @@ class ToolCall:
 class Message:
   """role: 'system' | 'user' | 'assistant' | 'tool'. tool_calls for assistant messages, tool_call_id for tool
   results (None: the oldest unanswered call); name, when set, replaces the role in the header (the template's
-  `message.get('name') or message['role']`)."""
+  `message.get('name') or message['role']`). weight (assistant messages; OpenAI's fine-tuning format): 0 keeps
+  the message in the context but out of the SFT loss (a synthesized slip the next message recovers from); it
+  changes nothing in the rendered text."""
   role: str
   content: str = ''
   tool_calls: tuple[ToolCall, ...] = ()
   tool_call_id: str | None = None
   name: str | None = None
+  weight: int = 1
 
   def __post_init__(self):
     if self.role not in ROLES:
       raise ValueError(f'unknown role {self.role!r}; known roles: {", ".join(ROLES)}')
     if self.tool_calls and self.role != 'assistant':
       raise ValueError(f'only assistant messages carry tool calls, not {self.role!r}')
+    if self.weight not in (0, 1) or (self.weight == 0 and self.role != 'assistant'):
+      raise ValueError(f'weight is 0 or 1, and 0 only on assistant messages; got {self.weight!r} on {self.role!r}')
     object.__setattr__(self, 'tool_calls', tuple(self.tool_calls))
 
   @classmethod
   def from_dict(cls, message: Mapping[str, Any]) -> 'Message':
     """From the OpenAI chat shape: {'role', 'content', 'tool_calls': [{'id', 'function': {'name', 'arguments'}}],
-    'tool_call_id', 'name'}."""
+    'tool_call_id', 'name', 'weight'}."""
     calls = tuple(ToolCall(name=c['function']['name'], arguments=c['function'].get('arguments', {}), id=c.get('id'))
                   for c in message.get('tool_calls') or ())
     return cls(role=message['role'], content=_content_text(message.get('content')), tool_calls=calls,
-               tool_call_id=message.get('tool_call_id'), name=message.get('name'))
+               tool_call_id=message.get('tool_call_id'), name=message.get('name'),
+               weight=message.get('weight', 1))
 
 
 def _content_text(content: str | Sequence[Mapping[str, Any]] | None) -> str:
@@ -165,17 +171,19 @@ def segments(messages: Sequence[Message], tools: Sequence[Mapping[str, Any]] | N
   for message in messages:
     out += _message_header(message)
     if message.role == 'assistant':
-      out.append(Segment(message.content, False, True))
+      train = message.weight == 1
+      out.append(Segment(message.content, False, train))
       if message.tool_calls:
-        out.append(Segment(SECTION_BEGIN, True, True))
+        out.append(Segment(SECTION_BEGIN, True, train))
         for call in message.tool_calls:
           call_id = call.id if call.id is not None else f'functions.{call.name}:{num_calls}'
           num_calls += 1
           unanswered.append(call_id)
-          out += [Segment(CALL_BEGIN, True, True), Segment(call_id, False, True), Segment(ARGUMENT_BEGIN, True, True),
-                  Segment(call.arguments_text(), False, True), Segment(CALL_END, True, True)]
-        out.append(Segment(SECTION_END, True, True))
-      out.append(Segment(IM_END, True, True))
+          out += [Segment(CALL_BEGIN, True, train), Segment(call_id, False, train),
+                  Segment(ARGUMENT_BEGIN, True, train), Segment(call.arguments_text(), False, train),
+                  Segment(CALL_END, True, train)]
+        out.append(Segment(SECTION_END, True, train))
+      out.append(Segment(IM_END, True, train))
     elif message.role == 'tool':
       call_id = message.tool_call_id
       if call_id is None:

@@ -14,7 +14,7 @@ rubrics). The tasks, tools, user simulators and reward come from k2.gym. Launche
 
 from k2.synth.agents import TASK_TYPES, AgentDomain, evolved_agents
 from k2.synth.backends import (Backend, Completion, ContextOverflow, ExpertBackend, ModelBackend, OpenAIBackend,
-                               VariedExpertAgent, varied_expert_messages)
+                               VariedExpertAgent, varied_expert_messages, with_slips)
 from k2.synth.judging import (RUBRIC, Judge, LLMJudge, Verdict, all_of, conversation, judge, message_dict,
                               parse_verdict, task_rubric, transcript)
 from k2.synth.pipeline import STEPS, SynthConfig, play, run, summary
@@ -25,4 +25,5 @@ __all__ = ['RUBRIC', 'STEPS', 'TASK_TYPES', 'AgentDomain', 'Backend', 'Completio
            'Judge', 'LLMJudge', 'Manifest', 'ModelBackend', 'OpenAIBackend', 'SynthConfig', 'SyntheticDomain',
            'SyntheticTool', 'ToolSimulator', 'VariedExpertAgent', 'Verdict', 'all_of', 'conversation', 'evolve_domains',
            'evolved_agents', 'judge', 'load_tool_specs', 'message_dict', 'parse_verdict', 'play', 'read_jsonl', 'run',
-           'summary', 'task_rubric', 'transcript', 'varied_expert_messages', 'write_atomic', 'write_jsonl']
+           'summary', 'task_rubric', 'transcript', 'varied_expert_messages', 'with_slips', 'write_atomic',
+           'write_jsonl']

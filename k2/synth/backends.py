@@ -98,13 +98,45 @@ def _failed_calls(messages: Sequence[Message]) -> tuple[int, list[ToolCall], boo
   return sent, failed, retry
 
 
-class VariedExpertAgent:
-  """An Agent replaying `varied_expert_messages(task, seed)`, a pure function of the history (it counts its own
-  past messages); a call that failed transiently is sent again once, in a message of its own; past its plan it asks
-  what else. Call ids count the calls in the conversation, retries included."""
+def with_slips(plan: Sequence[Message], task: Task, tools: Sequence[Mapping[str, Any]], seed: int, rate: float,
+               decoys: Sequence[str] = ()) -> list[Message]:
+  """`plan` with, before each of its single-call messages and with probability `rate`, a slip the next message
+  recovers from: the same call under a tool name of another domain (`decoys`: names the agent's `tools` lack) or
+  with one required argument left out. A slip has weight 0 (in the context, out of the SFT loss) and the
+  environment refuses it (unknown tool, invalid arguments) without running anything, so a model trained on the
+  recoveries learns what to do after such an error message, never to make the error."""
+  rng = random.Random(f'{task.task_id}/slip/{seed}')
+  names = {spec['function']['name'] for spec in tools}
+  required = {spec['function']['name']: spec['function'].get('parameters', {}).get('required', []) for spec in tools}
+  foreign = sorted(set(decoys) - names)
+  out = []
+  for message in plan:
+    if len(message.tool_calls) == 1 and rng.random() < rate:
+      call = message.tool_calls[0]
+      droppable = [key for key in required.get(call.name, ()) if key in call.arguments]
+      if foreign and (not droppable or rng.random() < 0.5):
+        slip = dataclasses.replace(call, name=rng.choice(foreign))
+      elif droppable:
+        drop = rng.choice(droppable)
+        slip = dataclasses.replace(call, arguments={k: v for k, v in call.arguments.items() if k != drop})
+      else:
+        slip = None
+      if slip is not None:
+        out.append(Message('assistant', message.content, tool_calls=(slip,), weight=0))
+    out.append(message)
+  return out
 
-  def __init__(self, task: Task, seed: int = 0):
+
+class VariedExpertAgent:
+  """An Agent replaying `varied_expert_messages(task, seed)` (with `with_slips` where slip_rate > 0), a pure function
+  of the history (it counts its own past messages); a call that failed transiently is sent again once, in a message
+  of its own; past its plan it asks what else. Call ids count the calls in the conversation, retries included."""
+
+  def __init__(self, task: Task, seed: int = 0, tools: Sequence[Mapping[str, Any]] = (), slip_rate: float = 0.0,
+               decoys: Sequence[str] = ()):
     self.plan = varied_expert_messages(task, seed)
+    if slip_rate:
+      self.plan = with_slips(self.plan, task, tools, seed, slip_rate, decoys)
     self.key = f'{task.task_id}/retry/{seed}'
 
   def __call__(self, messages: Sequence[Message]) -> Message:
@@ -123,12 +155,17 @@ class VariedExpertAgent:
 
 
 class ExpertBackend:
-  """The embedded default: the scripted expert, offline, deterministic per (task, seed)."""
-  name = 'expert'
+  """The embedded default: the scripted expert, offline, deterministic per (task, seed). slip_rate > 0: it slips
+  before that share of its calls and recovers (`with_slips`; `decoys`: tool names of other domains to slip to)."""
+
+  def __init__(self, slip_rate: float = 0.0, decoys: Sequence[str] = ()):
+    if not 0.0 <= slip_rate <= 1.0:
+      raise ValueError(f'slip_rate must be in [0, 1], got {slip_rate}')
+    self.slip_rate, self.decoys = slip_rate, tuple(decoys)
+    self.name = f'expert(slip_rate={slip_rate})' if slip_rate else 'expert'
 
   def agent(self, task: Task, tools: Sequence[Mapping[str, Any]], seed: int) -> Agent:
-    del tools  # the expert knows the task's gold actions
-    return VariedExpertAgent(task, seed)
+    return VariedExpertAgent(task, seed, tools, self.slip_rate, self.decoys)
 
 
 class OpenAIBackend:

@@ -7,7 +7,8 @@ by two judges never mix in one output directory).
                checks on how the agent got there (no backend or user-simulator error, no malformed output, no tool
                errors, the user ended the conversation within the turn limit, the expected tool-use pattern: every
                gold call made with exactly its arguments and no call beyond them; retrying a call that failed
-               transiently, k2.gym.TRANSIENT_ERROR, is not a call beyond them).
+               transiently, k2.gym.TRANSIENT_ERROR, is not a call beyond them, nor is a planted slip: a weight-0
+               call that the environment refused, unknown tool or invalid arguments, before the right one).
   LLMJudge     asks a backend's model (its `complete`) to grade the transcript against the task's rubric
                (`task_rubric`: success criteria, expected tool-use pattern, checkpoints) and to answer in a strict
                JSON format; anything else it answers, or a failing backend, is a rejection with the reason.
@@ -44,9 +45,12 @@ def judge(task: Task, episode: Episode) -> Verdict:
     reasons.append(f'user simulator error: {info["user_error"]}')
   if info['malformed_outputs']:
     reasons.append(f'malformed output in {info["malformed_outputs"]} assistant turn(s)')
-  if info['tool_errors']:
+  # Planted slips (weight-0 calls, out of the SFT loss) must each fail with an unknown tool or invalid arguments,
+  # which run nothing; any other tool error is the agent's.
+  slips = sum(len(m.tool_calls) for m in episode.messages if m.role == 'assistant' and m.weight == 0)
+  if info['tool_errors'] != slips or info['unknown_tools'] + info['invalid_arguments'] != slips:
     reasons.append(f'{info["tool_errors"]} tool error(s) ({info["unknown_tools"]} unknown tool, '
-                   f'{info["invalid_arguments"]} invalid arguments)')
+                   f'{info["invalid_arguments"]} invalid arguments) for {slips} planted slip(s)')
   if info['truncated'] and not info.get('agent_error') and not info.get('user_error'):
     reasons.append('the user never ended the conversation within the turn limit')
   if not info['state_match']:
@@ -63,7 +67,7 @@ def judge(task: Task, episode: Episode) -> Verdict:
   if info['gold_calls_matched'] < info['gold_calls']:
     reasons.append(f'tool-use pattern: {info["gold_calls_matched"]} of {info["gold_calls"]} gold calls made with '
                    'their exact arguments')
-  beyond = info['tool_calls'] - info['transient_errors'] - info['gold_calls_matched']
+  beyond = info['tool_calls'] - info['transient_errors'] - info['gold_calls_matched'] - slips
   if beyond > 0:
     reasons.append(f'tool-use pattern: {beyond} call(s) beyond the gold ones')
   if episode.reward != 1.0 and not reasons:
@@ -192,6 +196,8 @@ def message_dict(message: Message) -> dict[str, Any]:
     out['tool_call_id'] = message.tool_call_id
   if message.name is not None:
     out['name'] = message.name
+  if message.weight != 1:
+    out['weight'] = message.weight
   return out
 
 

@@ -50,6 +50,8 @@ class SynthConfig:
   """tasks_per_domain: 'train' tasks drawn per domain; shard_size: records per shard; seed: for the tasks, the
   expert's wording, the user and the failures; domains: k2.gym domain names; max_user_turns, max_assistant_turns:
   ToolEnv caps; failure_rate: ToolEnv's share of tool calls failing transiently (the expert retries them);
+  slip_rate: the default expert's share of calls preceded by a slip it recovers from (k2.synth.backends.with_slips;
+  the slips stay out of the SFT loss);
   tool_specs: JSON spec files, evolved_domains_per_category: evolved domains per category, for the tools step;
   evolved_tasks_per_domain: 'train' tasks drawn per evolved domain (0: none; needs evolved_domains_per_category)."""
   tasks_per_domain: int = 600
@@ -59,6 +61,7 @@ class SynthConfig:
   max_user_turns: int = 8
   max_assistant_turns: int = 24
   failure_rate: float = 0.0
+  slip_rate: float = 0.0
   tool_specs: tuple[str, ...] = ()
   evolved_domains_per_category: int = 0
   evolved_tasks_per_domain: int = 0
@@ -68,6 +71,8 @@ class SynthConfig:
       raise ValueError(f'tasks_per_domain and shard_size must be >= 1, got {self.tasks_per_domain}, {self.shard_size}')
     if not 0.0 <= self.failure_rate < 1.0:
       raise ValueError(f'failure_rate must be in [0, 1), got {self.failure_rate}')
+    if not 0.0 <= self.slip_rate <= 1.0:
+      raise ValueError(f'slip_rate must be in [0, 1], got {self.slip_rate}')
     for name in self.domains:
       gym.domains.get(name)  # KeyError naming the known domains
     for path in self.tool_specs:
@@ -131,7 +136,9 @@ def run(out: str | pathlib.Path, config: SynthConfig, backend: Backend | None = 
   judge: k2.synth.judging's programmatic judge by default, or any Judge (LLMJudge, all_of(...));
   on_shard(step, index) is called after each shard is recorded complete (progress; tests kill the run there).
   The names of the backend, user and judge go into the manifest's config with `config`."""
-  backend = backend or ExpertBackend()
+  if backend is None:
+    decoys = [spec['function']['name'] for name in config.domains for spec in gym.domains.get(name).tool_specs()]
+    backend = ExpertBackend(config.slip_rate, decoys)
   out = pathlib.Path(out)
   user = 'scripted' if user_factory is None else getattr(user_factory, '__name__', type(user_factory).__name__)
   manifest = Manifest.open(out, dict(dataclasses.asdict(config), backend=backend.name, user=user, judge=judge.name))
