@@ -175,6 +175,9 @@ def test_slips_are_refused_recovered_from_kept_out_of_the_loss_and_accepted(tmp_
   plan = synth.varied_expert_messages(task, seed=0)
   plan.insert(0, dataclasses.replace(plan[0], weight=0))
   assert has_reason(verdict(task, replay(plan)), 'planted slip')
+  # slips and transient failures together: a slip that failed transiently is retried as a slip, still refused
+  mixed = synth.run(tmp_path / 'mixed', dataclasses.replace(config, failure_rate=0.3))
+  assert mixed['accepted'] > 20 and not any('slip' in reason for reason in mixed['rejection_reasons'])
 
 
 class Tokens:

@@ -143,7 +143,8 @@ class VariedExpertAgent:
     sent, failed, retry = _failed_calls(messages)
     if failed and not retry:
       rng = random.Random(f'{self.key}/{len(messages)}')
-      message = Message('assistant', rng.choice(RETRY), tool_calls=tuple(failed))
+      last = next(m for m in reversed(messages) if m.role == 'assistant')  # a slip's retry is a slip too
+      message = Message('assistant', rng.choice(RETRY), tool_calls=tuple(failed), weight=last.weight)
     elif sent < len(self.plan):
       message = self.plan[sent]
     else:

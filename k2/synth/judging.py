@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from k2.chat import Message
-from k2.gym import Completer, Episode, Task
+from k2.gym import TRANSIENT_ERROR, Completer, Episode, Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,10 @@ def judge(task: Task, episode: Episode) -> Verdict:
     reasons.append(f'malformed output in {info["malformed_outputs"]} assistant turn(s)')
   # Planted slips (weight-0 calls, out of the SFT loss) must each fail with an unknown tool or invalid arguments,
   # which run nothing; any other tool error is the agent's.
-  slips = sum(len(m.tool_calls) for m in episode.messages if m.role == 'assistant' and m.weight == 0)
+  # (a slip that failed transiently ran nothing either: its retry is the slip the environment judges).
+  transient = {m.tool_call_id for m in episode.messages if m.role == 'tool' and m.content == TRANSIENT_ERROR}
+  slips = len({c.id for m in episode.messages if m.role == 'assistant' and m.weight == 0 for c in m.tool_calls}
+              - transient)
   if info['tool_errors'] != slips or info['unknown_tools'] + info['invalid_arguments'] != slips:
     reasons.append(f'{info["tool_errors"]} tool error(s) ({info["unknown_tools"]} unknown tool, '
                    f'{info["invalid_arguments"]} invalid arguments) for {slips} planted slip(s)')
