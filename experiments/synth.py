@@ -75,7 +75,8 @@ def main(argv):
   try:
     config = synth.SynthConfig(tasks_per_domain=_TASKS.value, shard_size=_SHARD.value, seed=_SEED.value,
                                domains=tuple(_DOMAINS.value), failure_rate=_FAILURE_RATE.value,
-                               slip_rate=_SLIP_RATE.value, tool_specs=tuple(_TOOL_SPECS.value), evolved_domains_per_category=_EVOLVED.value,
+                               slip_rate=_SLIP_RATE.value, tool_specs=tuple(_TOOL_SPECS.value),
+                               evolved_domains_per_category=_EVOLVED.value,
                                evolved_tasks_per_domain=_EVOLVED_TASKS.value)
     endpoint = synth.OpenAIBackend(_BASE_URL.value, _MODEL.value, api_key=_API_KEY.value,
                                    temperature=_TEMPERATURE.value, timeout_s=_TIMEOUT.value,

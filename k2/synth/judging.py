@@ -45,9 +45,9 @@ def judge(task: Task, episode: Episode) -> Verdict:
     reasons.append(f'user simulator error: {info["user_error"]}')
   if info['malformed_outputs']:
     reasons.append(f'malformed output in {info["malformed_outputs"]} assistant turn(s)')
-  # Planted slips (weight-0 calls, out of the SFT loss) must each fail with an unknown tool or invalid arguments,
-  # which run nothing; any other tool error is the agent's.
-  # (a slip that failed transiently ran nothing either: its retry is the slip the environment judges).
+  # Planted slips (weight-0 calls, out of the SFT loss) must each be refused as an unknown tool or invalid
+  # arguments, which run nothing; any other tool error is the agent's. A slip that failed transiently never reached
+  # the tools: its retry is the one counted.
   transient = {m.tool_call_id for m in episode.messages if m.role == 'tool' and m.content == TRANSIENT_ERROR}
   slips = len({c.id for m in episode.messages if m.role == 'assistant' and m.weight == 0 for c in m.tool_calls}
               - transient)
