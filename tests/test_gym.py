@@ -181,6 +181,8 @@ def test_malformed_outputs_and_tool_errors_never_raise():
     assert all(isinstance(m, Message) for m in result.messages) and result.messages
   info = env.info
   assert info['malformed_outputs'] == 7 and info['unknown_tools'] == 1 and info['invalid_arguments'] == 5
+  assert len(info['parse_errors']) >= 7 and any('truncated' in e for e in info['parse_errors'])
+  assert any('not a JSON object' in e for e in info['parse_errors'])
   assert info['tool_errors'] == 7 and env.db == task.initial_db
   assert chat.render_text(env.messages, tools=env.tool_specs)  # the history still renders
 

@@ -342,7 +342,8 @@ class ToolEnv:
     self.reward = 0.0
     self.info: dict[str, Any] = dict(
         assistant_turns=0, user_turns=0, tool_calls=0, tool_errors=0, unknown_tools=0, invalid_arguments=0,
-        transient_errors=0, malformed_outputs=0, revealed=[], refused=False, acted_before_asking=False, truncated=False)
+        transient_errors=0, malformed_outputs=0, parse_errors=[], revealed=[], refused=False, acted_before_asking=False,
+        truncated=False)
     self.calls: list[ToolCall] = []  # every call that ran (not failed transiently), for argument exact match
     self.messages = [Message('system', self.domain.system_prompt()), Message('user', self.user.first_message())]
     return list(self.messages)
@@ -397,6 +398,7 @@ class ToolEnv:
     self.info['assistant_turns'] += 1
     if parse_errors:
       self.info['malformed_outputs'] += 1
+      self.info['parse_errors'] = self.info['parse_errors'] + parse_errors  # one line each; transcripts show them
     if is_refusal(assistant.content):
       self.info['refused'] = True
     out: list[Message] = []
