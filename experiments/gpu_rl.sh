@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 16 acceptance 5 on the machine experiments/gpu_agent_pipeline.sh left warm: RL of its SFT'd k2_small
 # ($ROOT/sft) on arithmetic word problems and the calculator tool domain (configs/rl/small.gin), killed by RL_END
-# (~580 s from START, the command's start) if it has not finished; metrics.jsonl is written per iteration, so a killed
-# run keeps its records. Run from the repo root; arguments go to experiments.rl (e.g. --gin_bindings).
+# (~580 s from START, the command's start) if it has not finished: SIGTERM RL_GRACE (30) s before RL_END, so it saves
+# the iteration in flight when that ends in time (RESUME=1 in a later call on the same warm machine goes on from it),
+# then SIGKILL at RL_END; metrics.jsonl is written per iteration, so a killed run keeps its records. Run from the repo root; arguments go to experiments.rl (e.g. --gin_bindings).
 # COMPARE_LEVELS=1,2,3: then, inside the same deadline, experiments.rl_compare of the SFT'd and the RL'd model on
 # held-out arithmetic of those levels (COMPARE_PROMPTS per level, 8 samples, budget COMPARE_BUDGET).
 # COMPARE_TOOL=1: after it, the same paired comparison on held-out calculator episodes (64 tasks x 4, T 0.3, a draw
@@ -35,7 +36,7 @@ if [ "${TOY:-0}" = 1 ]; then
 fi
 [ "${RESUME:-0}" = 1 ] || rm -rf "$ROOT/rl"
 echo "=== rl at $(el)s"
-timeout -s KILL "$(left ${RL_END:-580})" $PY -m experiments.rl --gin_file=configs/rl/small.gin --workdir="$ROOT/rl" \
+timeout -s TERM -k ${RL_GRACE:-30} "$(left $(( ${RL_END:-580} - ${RL_GRACE:-30} )))" $PY -m experiments.rl --gin_file=configs/rl/small.gin --workdir="$ROOT/rl" \
     --gin_bindings="INIT_FROM = '$ROOT/sft'" "${RL[@]}" "$@" 2>&1 | tee "$OUT/rl.log"
 echo "rl rc $? at $(el)s"
 cp "$ROOT/rl/metrics.jsonl" "$OUT/rl_metrics.jsonl"; cp "$ROOT/rl/operative_config.gin" "$OUT/" 2>/dev/null

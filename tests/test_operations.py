@@ -232,3 +232,27 @@ def test_initial_model_reads_an_export_and_refuses_another_architecture(tmp_path
     loop.initial_model(config.replace(num_layers=3), init_from=str(tmp_path / 'model'))
   with pytest.raises(Exception, match='no such directory'):
     loop.initial_model(config, init_from=str(tmp_path / 'nothing'))
+
+
+def test_a_second_run_on_a_workdir_in_use_stops_with_one_line_and_touches_nothing(tmp_path):
+  """Another process holds the workdir (as a live run does): this run stops before writing; once that process is
+  gone (killed: the kernel drops its lock), the same command trains."""
+  workdir = tmp_path / 'run'
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import sys, time; from k2.train import loop; loop.claim_workdir(sys.argv[1]); '
+       'print("held", flush=True); time.sleep(600)', str(workdir)],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  try:
+    assert holder.stdout.readline().strip() == 'held'
+    before = sorted(os.listdir(workdir))
+    with pytest.raises(SystemExit) as exit_info:
+      run_in_process(workdir, 'NUM_STEPS = 1', *QUIET)
+    error = str(exit_info.value.code)
+    assert error.startswith('error: ') and '\n' not in error and 'in use by another run' in error, error
+    assert f'pid {holder.pid}' in error
+    assert sorted(os.listdir(workdir)) == before == ['.lock']
+  finally:
+    holder.kill()
+    holder.wait()
+  run_in_process(workdir, 'NUM_STEPS = 1', *QUIET)
+  assert checkpoint_steps(workdir) == [1]

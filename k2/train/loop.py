@@ -20,6 +20,7 @@ an exported `model/` directory) or a published (HF) directory.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import math
 import os
 import signal
@@ -89,6 +90,35 @@ def check_workdir(workdir: str) -> None:
     os.remove(probe)
   except OSError as e:
     raise ConfigError(f'--workdir {workdir} is not writable ({existing}: {e.strerror})') from None
+
+
+_CLAIMED: dict[str, object] = {}  # workdir -> its open lock file, held until this process ends
+
+
+def claim_workdir(workdir: str) -> None:
+  """Creates `workdir` and locks it for this process's lifetime (flock on workdir/.lock, which the kernel releases
+  when the process ends, killed or not): a second run on the same workdir, while this one lives, stops with a
+  ConfigError before it writes anything, instead of both writing checkpoints and metrics into it. A stage calls it
+  right before its first write; calling it again in the same process is a no-op. Only process 0 of a multi-process
+  job locks (its processes share the workdir)."""
+  path = os.path.abspath(workdir)
+  if jax.process_index() != 0 or path in _CLAIMED:
+    return
+  os.makedirs(path, exist_ok=True)
+  handle = open(os.path.join(path, '.lock'), 'a+')
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    handle.seek(0)
+    owner = handle.read().strip() or 'another process'
+    handle.close()
+    raise ConfigError(f'--workdir {workdir} is in use by another run ({owner}); wait for it to end or choose another '
+                      'workdir') from None
+  handle.seek(0)
+  handle.truncate()
+  handle.write(f'pid {os.getpid()}, since {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+  handle.flush()
+  _CLAIMED[path] = handle
 
 
 def initial_model(config: ModelConfig, seed: int = 0, init_from: str | None = None) -> model_lib.Transformer:
@@ -270,6 +300,7 @@ def train_stage(workdir: str, *, model_config: ModelConfig, mesh, optimizer, sch
     setup = StepSetup(graphdef=graphdef, model_config=model_config, optimizer=optimizer, schedule=schedule,
                       **step_options)
     os.makedirs(workdir, exist_ok=True)
+    claim_workdir(workdir)
     if lead and operative_config is not None:
       with open(os.path.join(workdir, 'operative_config.gin'), 'w') as f:
         f.write(operative_config)
