@@ -19,6 +19,14 @@ PY=python3
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
 ROOT=${ROOT:-/tmp/r}
 rm -rf "$ROOT"; mkdir -p "$ROOT" "$OUT"
+# A stage still running 15 s before its deadline prints every thread's stack (`kill -USR1`, experiments.pretrain.
+# announce) before it is stopped: on 2026-12-07 an SFT went silent after step 150 on an H100 until killed. GPU use is
+# logged every 20 s to $OUT/gpu_monitor.log.
+stacks_before() { (sleep $(( $(left $1) - 15 )) && pkill -USR1 -f "^[^ ]*python[0-9.]* -m $2 ") & DUMPER=$!; }  # not `timeout`
+(while sleep 20; do echo "$(el)s $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>&1)"
+ done) > "$OUT/gpu_monitor.log" 2>&1 &
+MONITOR=$!
+trap 'kill $MONITOR 2>/dev/null' EXIT
 PT=(); SF=(); EV=(--tasks_per_domain ${EVAL_TASKS:-10} --trials ${EVAL_TRIALS:-4} --num_slots 256 --model_dtype bfloat16)
 [ -n "${PT_STEPS:-}" ] && PT=(--gin_bindings="NUM_STEPS = $PT_STEPS")
 [ -n "${SFT_STEPS:-}" ] && SF=(--gin_bindings="NUM_STEPS = $SFT_STEPS")
@@ -46,20 +54,24 @@ df -h /tmp /dev/shm | tail -2
      > "$ROOT/demos.log" 2>&1; echo "demonstrations rc $? at $(el)s: $(tail -1 "$ROOT/demos.log")") &
 SYNTH=$!
 echo "=== pretrain at $(el)s"
+stacks_before ${PT_END:-320} experiments.pretrain
 timeout -s TERM -k 20 "$(left ${PT_END:-320})" $PY -m experiments.pretrain --gin_file=configs/pretrain/small.gin \
     --workdir="$ROOT/pretrain" --gin_bindings="CHECKPOINT_EVERY = 400" --gin_bindings="train.sample_tokens = 0" \
     "${PT[@]}"
 echo "pretrain rc $? at $(el)s"
+kill $DUMPER 2>/dev/null
 wait $SYNTH; grep -A3 '"accepted"' "$ROOT/synth.log" | head -4; grep '"seconds"' "$ROOT/synth.log"
 TOK=()
 if [ ! -d "$ROOT/pretrain/model" ]; then   # preempted: no export, so name the cached tokenizer
   TOK=(--gin_bindings="sft.tokenizer_path = '$(ls $HOME/.cache/k2/tokenizers/bpe_4096_*.json | head -1)'")
 fi
 echo "=== sft at $(el)s"
+stacks_before ${SFT_END:-500} experiments.sft
 timeout -s TERM -k 10 "$(left ${SFT_END:-500})" $PY -m experiments.sft --gin_file=configs/sft/small.gin --workdir="$ROOT/sft" \
     --gin_bindings="INIT_FROM = '$ROOT/pretrain'" \
     --gin_bindings="CONVERSATIONS = '$ROOT/synth/judged/accepted-*.jsonl'" "${TOK[@]}" "${SF[@]}"
 echo "sft rc $? at $(el)s"
+kill $DUMPER 2>/dev/null
 cp "$ROOT/pretrain/metrics.jsonl" "$OUT/pretrain_metrics.jsonl"; cp "$ROOT/sft/metrics.jsonl" "$OUT/sft_metrics.jsonl"
 cp "$ROOT/synth/manifest.json" "$OUT/synth_manifest.json"; cp "$ROOT/synth.log" "$ROOT/demos.log" "$OUT/"
 wc -l "$ROOT"/synth/judged/accepted-*.jsonl

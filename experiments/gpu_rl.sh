@@ -36,9 +36,12 @@ if [ "${TOY:-0}" = 1 ]; then
 fi
 [ "${RESUME:-0}" = 1 ] || rm -rf "$ROOT/rl"
 echo "=== rl at $(el)s"
+(sleep $(( $(left ${RL_END:-580}) - ${RL_GRACE:-30} - 10 )) && pkill -USR1 -f "^[^ ]*python[0-9.]* -m experiments.rl ") &  # stacks if still running
+DUMPER=$!
 timeout -s TERM -k ${RL_GRACE:-30} "$(left $(( ${RL_END:-580} - ${RL_GRACE:-30} )))" $PY -m experiments.rl --gin_file=configs/rl/small.gin --workdir="$ROOT/rl" \
     --gin_bindings="INIT_FROM = '$ROOT/sft'" "${RL[@]}" "$@" 2>&1 | tee "$OUT/rl.log"
 echo "rl rc $? at $(el)s"
+kill $DUMPER 2>/dev/null
 cp "$ROOT/rl/metrics.jsonl" "$OUT/rl_metrics.jsonl"; cp "$ROOT/rl/operative_config.gin" "$OUT/" 2>/dev/null
 wc -l "$OUT/rl_metrics.jsonl"
 if [ -n "${COMPARE_LEVELS:-}" ] && [ -d "$ROOT/rl/model" ] && [ "$(left ${RL_END:-580})" -gt 20 ]; then

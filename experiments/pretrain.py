@@ -6,6 +6,8 @@
 Rerunning the same command on the same workdir resumes from its latest checkpoint.
 """
 
+import faulthandler
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -33,12 +35,19 @@ def run(gin_files, gin_bindings, workdir: str, stage: str = 'pretrain') -> dict:
     sys.exit(f'error: {str(e).splitlines()[0]}')
 
 
-def launch(stage: str) -> None:
-  """What a stage launcher's main does: logging, a first line at once, the distributed start-up, the stage."""
+def announce(stage: str) -> None:
+  """What every stage launcher does first: quiet logging, a first line at once, and `kill -USR1 PID` printing every
+  thread's Python stack to stderr (a run that seems stuck says where it is, and goes on)."""
   if not flags.FLAGS['verbosity'].present:  # orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
+  faulthandler.register(signal.SIGUSR1, all_threads=True)
   print(f'k2 {stage}: {" ".join(_GIN_FILE.value)} -> {_WORKDIR.value} (loading JAX, the data and the config)',
         flush=True)
+
+
+def launch(stage: str) -> None:
+  """What a stage launcher's main does: `announce`, the distributed start-up, the stage."""
+  announce(stage)
   from k2 import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   run(_GIN_FILE.value, _GIN_BINDINGS.value, _WORKDIR.value, stage)

@@ -11,7 +11,7 @@ column) and exits.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
 from experiments import pretrain as launcher  # --gin_file, --gin_bindings, --workdir, the distributed flags
 from k2.config import ConfigError
@@ -24,10 +24,7 @@ _COLUMNS = flags.DEFINE_bool('column_arithmetic', False, 'Arithmetic demonstrati
 
 def main(argv):
   del argv
-  if not flags.FLAGS['verbosity'].present:  # orbax logs every file it writes at INFO
-    logging.set_verbosity(logging.WARNING)
-  print(f'k2 rl: {" ".join(launcher._GIN_FILE.value)} -> {launcher._WORKDIR.value} (loading JAX, the data and the '
-        'config)', flush=True)
+  launcher.announce('rl')
   import gin
   from k2 import distributed, gin_setup
   from k2.gym import verifiable

@@ -24,7 +24,7 @@ from k2 import sharding
 from k2.config import get_config
 from k2.train import loop
 from k2.train import step as step_lib
-from tests.test_pretrain_smoke import ROOT, checkpoint_steps, command, launch, records, run_in_process
+from tests.test_pretrain_smoke import ROOT, checkpoint_steps, command, launch, records, run_in_process, start, wait_for
 
 QUIET = ['train.sample_tokens = 0', 'EVAL_EVERY = 100']
 
@@ -256,3 +256,23 @@ def test_a_second_run_on_a_workdir_in_use_stops_with_one_line_and_touches_nothin
     holder.wait()
   run_in_process(workdir, 'NUM_STEPS = 1', *QUIET)
   assert checkpoint_steps(workdir) == [1]
+
+
+def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(tmp_path):
+  """What an operator does with a run that seems stuck: `kill -USR1 PID` says where each thread is; training goes
+  on (a later step is logged), and SIGTERM still ends it with a save."""
+  workdir = tmp_path / 'run'
+  process = start(workdir, 'NUM_STEPS = 100000', 'CHECKPOINT_EVERY = 100000', *QUIET)
+  try:
+    wait_for(lambda: os.path.exists(workdir / 'metrics.jsonl') and records(workdir), process)
+    process.send_signal(signal.SIGUSR1)
+    seen = len(records(workdir))
+    wait_for(lambda: len(records(workdir)) > seen, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 0, stderr[-3000:]
+  assert 'Current thread' in stderr and 'Thread 0x' in stderr, stderr[-3000:]
+  assert 'k2/train/' in stderr or 'experiments/pretrain.py' in stderr, stderr[-3000:]
+  assert checkpoint_steps(workdir)  # the SIGTERM save
