@@ -55,6 +55,20 @@ def test_batches_train_on_exactly_the_assistant_tokens(tmp_path, tokenizer):
     assert np.all(batch['mask'][row][batch['segment_ids'][row] == 0] == 0)  # padding never trains
 
 
+def test_loss_on_all_trains_on_every_token_of_the_same_packed_rows(tmp_path, tokenizer):
+  write_trajectories(tmp_path / 'data.jsonl', per_domain=2)
+  convs = conversations_lib.read(str(tmp_path / 'data.jsonl'))
+  make = lambda **kw: next(conversations_lib.sft_batches(convs, tokenizer, batch_size=2, seq_len=1024, seed=0,
+                                                         shuffle=False, **kw))
+  assistant, every = make(), make(loss_on='all')
+  for key in ('inputs', 'targets', 'segment_ids', 'positions'):
+    np.testing.assert_array_equal(assistant[key], every[key])
+  np.testing.assert_array_equal(every['mask'], (every['segment_ids'] > 0).astype(np.float32))
+  assert 0 < assistant['mask'].sum() < 0.5 * every['mask'].sum()  # tool results and prompts outweigh the assistant
+  with pytest.raises(Exception, match="loss_on must be one of"):
+    make(loss_on='user')
+
+
 def test_bad_conversation_files_are_one_line_errors(tmp_path):
   (tmp_path / 'bad.jsonl').write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
   with pytest.raises(Exception, match='bad.jsonl:1 has no assistant message'):

@@ -57,15 +57,21 @@ def read(pattern: str) -> list[dict]:
   return conversations
 
 
+LOSS_ON = ('assistant', 'all')
+
+
 class _Render(grain.transforms.Map):
 
-  def __init__(self, tokenizer: chat.Tokenizer):
+  def __init__(self, tokenizer: chat.Tokenizer, loss_on: str = 'assistant'):
     self._tokenizer = tokenizer
+    self._loss_on = loss_on
 
   def map(self, conversation: dict) -> dict[str, np.ndarray]:
     rendered = chat.render(conversation['messages'], self._tokenizer, tools=conversation['tools'])
     tokens = np.asarray(rendered.tokens, np.int32)
     weights = np.asarray(rendered.loss_mask, np.float32)
+    if self._loss_on == 'all':  # every token a target: system prompt, user, tool results too
+      weights = np.ones_like(weights)
     return {'inputs': tokens[:-1], 'targets': tokens[1:], 'weights': weights[1:]}
 
 
@@ -83,16 +89,19 @@ def rendered_lengths(conversations: Sequence[dict], tokenizer: chat.Tokenizer) -
 
 def sft_batches(conversations: Sequence[dict], tokenizer: chat.Tokenizer, *, batch_size: int, seq_len: int,
                 seed: int, shuffle: bool = True, repeat: bool = True, process_index: int = 0,
-                process_count: int = 1, packing_bins: int = 16) -> Batches:
+                process_count: int = 1, packing_bins: int = 16, loss_on: str = 'assistant') -> Batches:
   """A checkpointable iterator of packed [batch_size, seq_len] SFT batches (see the module docstring).
-  Conversations longer than seq_len + 1 tokens are left out (the caller counts them with `rendered_lengths`)."""
+  Conversations longer than seq_len + 1 tokens are left out (the caller counts them with `rendered_lengths`).
+  loss_on: 'assistant' (the SFT mask) or 'all' (every token, as pretraining on the conversations' text)."""
+  if loss_on not in LOSS_ON:
+    raise ConfigError(f'loss_on must be one of {LOSS_ON}, got {loss_on!r}')
   chat.check_tokenizer(tokenizer)
   dataset = grain.MapDataset.source(list(conversations))[process_index::process_count]
   if shuffle:
     dataset = dataset.shuffle(seed=seed)
   if repeat:
     dataset = dataset.repeat()
-  dataset = dataset.map(_Render(tokenizer)).filter(lambda row: len(row['inputs']) <= seq_len)
+  dataset = dataset.map(_Render(tokenizer, loss_on)).filter(lambda row: len(row['inputs']) <= seq_len)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=16))
   dataset = grain.experimental.FirstFitPackIterDataset(
       dataset, length_struct={'inputs': seq_len, 'targets': seq_len, 'weights': seq_len},

@@ -46,11 +46,15 @@ def sft(workdir: str, model_config: ModelConfig = gin.REQUIRED, conversations: s
         seq_len: int = 512, learning_rate: float = 1e-3, seed: int = 0, mesh: dict | None = None,
         grad_accum_steps: int = 1, qk_clip_tau: float | None = 100.0, bias_update_rate: float = 1e-3,
         checkpoint_every: int = 100, keep_checkpoints: int = 3, eval_every: int = 100, eval_fraction: float = 0.05,
-        log_every: int = 10) -> dict[str, float]:
+        log_every: int = 10, loss_on: str = 'assistant') -> dict[str, float]:
   """Fine-tunes (or resumes) the run in `workdir`; returns the final metrics with eval_loss (nats per assistant
-  token of the held-out conversations)."""
+  token of the held-out conversations, whatever `loss_on`). loss_on: 'assistant' (SFT: what the assistant wrote)
+  or 'all' (every token of the conversations, as in pretraining: user turns, tool results and the system prompt
+  too, where the entities the assistant must copy first appear)."""
   # 1. Everything that can be wrong is checked before anything is written.
   pretrain.check_shapes(model_config, num_steps, batch_size, seq_len, None)
+  if loss_on not in conversations_lib.LOSS_ON:
+    raise ConfigError(f'sft.loss_on must be one of {conversations_lib.LOSS_ON}, got {loss_on!r}')
   loop.check_workdir(workdir)
   run_mesh = loop.make_run_mesh(mesh, model_config, batch_size, grad_accum_steps)
   tok = model_tokenizer(init_from, tokenizer_path)
@@ -74,7 +78,7 @@ def sft(workdir: str, model_config: ModelConfig = gin.REQUIRED, conversations: s
 
   # 2. The run.
   train_data = conversations_lib.sft_batches(train_convs, tok, batch_size=local_rows, seq_len=seq_len, seed=seed,
-                                             **shards)
+                                             loss_on=loss_on, **shards)
   run_start = time.time()
   state, setup, record, preempted = loop.train_stage(
       workdir, model_config=model_config, mesh=run_mesh, batches=train_data, data_iterator=train_data, seed=seed,
