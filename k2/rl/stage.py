@@ -105,7 +105,6 @@ def rl(workdir: str, model_config: ModelConfig = gin.REQUIRED, config: trainer.R
   evaluate = lambda model: trainer.evaluate(
       model, eval_prompts, reward_fn, samples=eval_samples, temperature=eval_temperature, stop_tokens=stop_tokens,
       pass_threshold=config.pass_threshold, seed=seed, num_slots=config.num_slots, mesh=run_mesh, agentic=agentic)
-  os.makedirs(workdir, exist_ok=True)
   loop.claim_workdir(workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'operative_config.gin'), 'w') as f:

@@ -96,15 +96,15 @@ _CLAIMED: dict[str, object] = {}  # workdir -> its open lock file, held until th
 
 
 def claim_workdir(workdir: str) -> None:
-  """Creates `workdir` and locks it for this process's lifetime (flock on workdir/.lock, which the kernel releases
+  """Creates `workdir` (every process) and locks it for this process's lifetime (flock on workdir/.lock, which the kernel releases
   when the process ends, killed or not): a second run on the same workdir, while this one lives, stops with a
   ConfigError before it writes anything, instead of both writing checkpoints and metrics into it. A stage calls it
   right before its first write; calling it again in the same process is a no-op. Only process 0 of a multi-process
   job locks (its processes share the workdir)."""
   path = os.path.abspath(workdir)
+  os.makedirs(path, exist_ok=True)
   if jax.process_index() != 0 or path in _CLAIMED:
     return
-  os.makedirs(path, exist_ok=True)
   handle = open(os.path.join(path, '.lock'), 'a+')
   try:
     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -299,7 +299,6 @@ def train_stage(workdir: str, *, model_config: ModelConfig, mesh, optimizer, sch
     del model
     setup = StepSetup(graphdef=graphdef, model_config=model_config, optimizer=optimizer, schedule=schedule,
                       **step_options)
-    os.makedirs(workdir, exist_ok=True)
     claim_workdir(workdir)
     if lead and operative_config is not None:
       with open(os.path.join(workdir, 'operative_config.gin'), 'w') as f:

@@ -53,8 +53,6 @@ def sft(workdir: str, model_config: ModelConfig = gin.REQUIRED, conversations: s
   too, where the entities the assistant must copy first appear)."""
   # 1. Everything that can be wrong is checked before anything is written.
   pretrain.check_shapes(model_config, num_steps, batch_size, seq_len, None)
-  if loss_on not in conversations_lib.LOSS_ON:
-    raise ConfigError(f'sft.loss_on must be one of {conversations_lib.LOSS_ON}, got {loss_on!r}')
   loop.check_workdir(workdir)
   run_mesh = loop.make_run_mesh(mesh, model_config, batch_size, grad_accum_steps)
   tok = model_tokenizer(init_from, tokenizer_path)
