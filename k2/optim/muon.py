@@ -37,7 +37,8 @@ from k2.sharding import DEFAULT_RULES
 from pallas_kernels.newton_schulz import NS_COEFFS
 from pallas_kernels.newton_schulz import newton_schulz_steps
 from pallas_kernels.newton_schulz import newton_schulz_steps_reference
-from pallas_kernels.newton_schulz import normalized_matrices
+from pallas_kernels.newton_schulz import normalizing_step
+from pallas_kernels.newton_schulz.reference import check_steps
 
 NS_IMPLS = ('auto', 'jnp', 'pallas')
 SHARD_NS_OPTIONS = ('auto', True, False)
@@ -50,14 +51,21 @@ NS_EPS = 1e-7
 
 
 def _steps_implementation(ns_impl: str) -> Callable[..., jax.Array]:
-  """The Newton-Schulz steps (on normalized matrices) for `ns_impl`: 'auto' is the Pallas kernel on TPU and
-  the jnp reference elsewhere. The kernel has no GPU backend: on an H200, XLA's batched cuBLAS matmuls beat it at
-  Muon's shapes (BENCHMARKS.md, bench_optim)."""
+  """Newton-Schulz for `ns_impl`, as a function (matrices, *, steps, coeffs, eps) of matrices not normalized yet
+  (in the iteration dtype): the reference's first step (`normalizing_step`, which also normalizes), then the
+  others with the Pallas kernel ('pallas'; 'auto' on TPU) or the jnp reference ('jnp'; 'auto' elsewhere). The
+  kernel has no GPU backend: on an H200, XLA's batched cuBLAS matmuls beat it at Muon's shapes (BENCHMARKS.md)."""
   if ns_impl not in NS_IMPLS:
     raise ValueError(f'muon: ns_impl must be one of {NS_IMPLS}, got {ns_impl!r}')
   if ns_impl == 'auto':
     ns_impl = 'pallas' if jax.default_backend() == 'tpu' else 'jnp'
-  return newton_schulz_steps if ns_impl == 'pallas' else newton_schulz_steps_reference
+  return functools.partial(_from_unnormalized,
+                           newton_schulz_steps if ns_impl == 'pallas' else newton_schulz_steps_reference)
+
+
+def _from_unnormalized(run_steps, matrices, *, steps, coeffs, eps):
+  check_steps(steps)
+  return run_steps(normalizing_step(matrices, coeffs, eps), steps=steps - 1, coeffs=coeffs)
 
 
 def newton_schulz(
@@ -73,15 +81,15 @@ def newton_schulz(
   (`pallas_kernels.newton_schulz.newton_schulz_reference` defines them). Returns [..., n, m] in x's dtype."""
   if x.ndim < 2:
     raise ValueError(f'newton_schulz needs [..., n, m] matrices, got shape {x.shape}')
-  matrices = _steps_implementation(ns_impl)(normalized_matrices(x, eps, dtype), steps=steps, coeffs=coeffs)
+  matrices = _steps_implementation(ns_impl)(x.astype(dtype), steps=steps, coeffs=coeffs, eps=eps)
   return matrices.astype(x.dtype)
 
 
-def orthogonalize_by_shape(tree: optax.Updates, run_steps: Callable[[jax.Array], jax.Array], *, eps: float,
+def orthogonalize_by_shape(tree: optax.Updates, run_steps: Callable[[jax.Array], jax.Array], *,
                            dtype: jnp.dtype, mesh: jax.sharding.AbstractMesh | None = None) -> optax.Updates:
   """Newton-Schulz on every matrix of `tree` ([n, m] or [batch, n, m] leaves), returned in `dtype`.
 
-  Each leaf is normalized on its own (X0 = x / (||x||_F + eps), rounded once to `dtype`), then all matrices of one
+  Each leaf is cast to `dtype` (`run_steps` normalizes every matrix itself), then all matrices of one
   shape [n, m] are stacked and `run_steps` ([k, n, m] -> same) runs once per shape: a model's layers and experts
   repeat the same shapes (k2_small: over two thousand expert matrices in two shapes), so a few large batched
   matmuls replace one small call per leaf, which would leave an accelerator mostly idle. Only the `dtype` copies
@@ -95,7 +103,7 @@ def orthogonalize_by_shape(tree: optax.Updates, run_steps: Callable[[jax.Array],
   groups: dict[tuple[int, int], list[int]] = {}
   starts = []
   for i, leaf in enumerate(leaves):
-    starts.append(normalized_matrices(leaf.reshape(-1, *leaf.shape[-2:]), eps, dtype))
+    starts.append(leaf.reshape(-1, *leaf.shape[-2:]).astype(dtype))
     groups.setdefault(leaf.shape[-2:], []).append(i)
   out = list(leaves)
   for indices in groups.values():
@@ -274,11 +282,11 @@ def muon(
       raise ValueError('muon: update needs params (decoupled weight decay W_t uses W_{t-1}); call '
                        'optimizer.update(grads, state, params)')
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    run_steps = functools.partial(_steps_implementation(ns_impl), steps=ns_steps, coeffs=ns_coeffs)
+    run_steps = functools.partial(_steps_implementation(ns_impl), steps=ns_steps, coeffs=ns_coeffs, eps=NS_EPS)
 
-    # XLA fuses the element-wise work into three passes over the float32 state (H200 profile, BENCHMARKS.md): the
-    # directions' Frobenius norms (read G, M_{t-1}); the momentum with the normalized ns_dtype stacks (read G,
-    # M_{t-1}; write M_t and X0); the update (read O_t in ns_dtype and W_{t-1}). Newton-Schulz runs in between.
+    # XLA fuses the element-wise work into two passes over the float32 state: the momentum with the ns_dtype stacks
+    # (read G, M_{t-1}; write M_t and the directions, cast); the update (read O_t in ns_dtype and W_{t-1}).
+    # Newton-Schulz runs in between and takes the directions' norms from its first Gram matrices.
     def momentum_step(grad, momentum_buffer):
       new_momentum = momentum * momentum_buffer + grad  # M_t (promoted dtype, cast down only for storage)
       direction = momentum * new_momentum + grad if nesterov else new_momentum
@@ -286,7 +294,7 @@ def muon(
 
     pairs = jax.tree.map(momentum_step, grads, state.momentum)
     directions, new_momentum = jax.tree.transpose(jax.tree.structure(params), jax.tree.structure((0, 0)), pairs)
-    orthogonalized = orthogonalize_by_shape(directions, run_steps, eps=NS_EPS, dtype=ns_dtype,
+    orthogonalized = orthogonalize_by_shape(directions, run_steps, dtype=ns_dtype,
                                             mesh=ns_mesh(shard_ns))
 
     def leaf_update(direction, param):

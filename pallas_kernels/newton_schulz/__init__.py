@@ -7,3 +7,4 @@ from pallas_kernels.newton_schulz.reference import NS_COEFFS
 from pallas_kernels.newton_schulz.reference import newton_schulz_reference
 from pallas_kernels.newton_schulz.reference import newton_schulz_steps_reference
 from pallas_kernels.newton_schulz.reference import normalized_matrices
+from pallas_kernels.newton_schulz.reference import normalizing_step

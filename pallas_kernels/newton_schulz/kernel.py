@@ -67,18 +67,19 @@ def padded_size(size: int, block_sizes: BlockSizes) -> int:
 def _epilogue(product, residual, *, product_scale: float, residual_scale: float, identity_scale: float,
               row_offset=0, col_offset=0):
   """product_scale * product + residual_scale * residual + identity_scale * I, in float32, for an output tile
-  whose first element sits at (row_offset, col_offset) of the whole matrix. With a residual, the product is first
-  rounded to the residual's dtype (the reference rounds A A before forming P)."""
-  if residual is not None:
-    product = product.astype(residual.dtype)
-  combined = product_scale * product.astype(jnp.float32)
-  if residual is not None:
-    combined = combined + residual_scale * residual.astype(jnp.float32)
-  if identity_scale:
-    rows = row_offset + lax.broadcasted_iota(jnp.int32, product.shape, 0)
-    cols = col_offset + lax.broadcasted_iota(jnp.int32, product.shape, 1)
-    combined = combined + jnp.where(rows == cols, identity_scale, 0.0)
-  return combined
+  whose first element sits at (row_offset, col_offset) of the whole matrix. With a residual (forming P), the
+  reference's rounding points (`reference._polynomial_by_product`, a cuBLAS GEMM's on a GPU): the product rounded
+  to the residual's dtype and scaled (rounded again), and the other terms rounded once, before they are added."""
+  rows = row_offset + lax.broadcasted_iota(jnp.int32, product.shape, 0)
+  cols = col_offset + lax.broadcasted_iota(jnp.int32, product.shape, 1)
+  identity = jnp.where(rows == cols, identity_scale, 0.0) if identity_scale else 0.0
+  if residual is None:
+    return product_scale * product + identity
+  dtype = residual.dtype  # the scale too is in the iteration dtype (c = 2.0315 is 2.03125 in bfloat16)
+  scaled = (jnp.asarray(product_scale, dtype).astype(jnp.float32) * product.astype(dtype).astype(jnp.float32))
+  scaled = scaled.astype(dtype)
+  others = (residual_scale * residual.astype(jnp.float32) + identity).astype(dtype)
+  return scaled.astype(jnp.float32) + others.astype(jnp.float32)
 
 
 def _dot(lhs, rhs, *, transpose_rhs: bool):

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from pallas_kernels.newton_schulz import kernel
 from pallas_kernels.newton_schulz.kernel import BlockSizes
 from pallas_kernels.newton_schulz.reference import NS_COEFFS
-from pallas_kernels.newton_schulz.reference import normalized_matrices
+from pallas_kernels.newton_schulz.reference import check_steps
+from pallas_kernels.newton_schulz.reference import normalizing_step
 
 
 def _interpret_mode(interpret):
@@ -79,7 +80,8 @@ def newton_schulz(
   """Newton-Schulz orthogonalization of a stack of matrices with the Pallas kernels.
 
   Same maths as `newton_schulz_reference`: X0 = x / (||x||_F + eps) per matrix, then `steps` times
-  X <- (a I + b A + c A A) X with A = X X^T.
+  X <- (a I + b A + c A A) X with A = X X^T. The first step, which also normalizes, is the reference's
+  (`normalizing_step`, XLA's matmuls); the kernels run the others.
 
   Args:
     x: [..., n, m]; leading axes are a batch of independent matrices.
@@ -93,6 +95,7 @@ def newton_schulz(
   """
   if x.ndim < 2:
     raise ValueError(f'newton_schulz needs [..., n, m] matrices, got shape {x.shape}')
-  matrices = newton_schulz_steps(normalized_matrices(x, eps, dtype), steps=steps, coeffs=coeffs, interpret=interpret,
-                                 block_sizes=block_sizes)
+  check_steps(steps)
+  matrices = newton_schulz_steps(normalizing_step(x.astype(dtype), coeffs, eps), steps=steps - 1, coeffs=coeffs,
+                                 interpret=interpret, block_sizes=block_sizes)
   return matrices.astype(x.dtype)
