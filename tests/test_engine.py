@@ -104,3 +104,16 @@ def test_first_fill_is_prefilled_in_groups_under_the_token_cap(model):
     assert result.tokens[row] == tokens, row
     np.testing.assert_allclose(result.logprobs[row], logprobs, rtol=1e-5, atol=1e-5)
   assert result.prefills == 3
+
+
+def test_largest_budget_is_admitted_first_so_the_run_takes_about_its_budget(model):
+  """Four short prompts given before a long one, two slots: admitted in the given order the long one would start
+  after the others (>= 2 + 9 steps); largest budget first, it decodes beside them and the run takes its budget.
+  Outputs still come back in prompt order (greedy: any composition gives the full-forward argmax)."""
+  prompts, budgets = PROMPTS[:5], [2, 2, 2, 2, 9]
+  assert engine.admission_order(np.array(budgets), 2) == [4, 0, 1, 2, 3]
+  assert engine.admission_order(np.array(budgets), 8) == [0, 1, 2, 3, 4]  # one fill: the given order
+  result = engine.rollout(model, prompts, budgets, num_slots=2, temperature=0.0, steps_per_sync=2, admit_group=1)
+  for row, (tokens, _) in enumerate(greedy_by_full_forward(model, prompts, budgets)):
+    assert result.tokens[row] == tokens, row
+  assert result.decode_steps <= 9

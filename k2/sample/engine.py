@@ -8,7 +8,8 @@
 `generate` decodes a static batch: every row waits for the longest one, so a batch of rollouts with a few long
 answers spends most of its steps on finished rows. Here a batch of `num_slots` sequences decodes together, and
 as soon as one finishes (its stop token, or its own budget) its slot is refilled with the next waiting prompt,
-prefilled through the model's forward, while the other slots keep their caches and go on decoding.
+prefilled through the model's forward, while the other slots keep their caches and go on decoding. Prompts wait
+largest budget first when they outnumber the slots (`admission_order`), so a long answer does not start last.
 
 Device state per slot: the last token, its position (= its cache slot), the remaining budget, its stop tokens,
 a done flag, and its row of the per-layer latent caches [num_slots, S, C + R]. Prefill writes a new prompt's
@@ -129,6 +130,17 @@ _decode_chunk_jit = jax.jit(_decode_chunk, static_argnames=('graphdef', 'steps',
                             donate_argnames=('state',))
 
 
+def admission_order(budgets: np.ndarray, num_slots: int) -> list[int]:
+  """The order prompts wait in: all of them fit the first fill (given order), or the largest budget first (ties in
+  the given order). A long-budget prompt admitted last decodes alone while the other slots idle, so the run takes
+  about its budget after everything else; admitted first, it decodes beside the others and the run takes about
+  max(largest budget, total tokens / slots) steps (longest-processing-time-first scheduling). Outputs are returned
+  in prompt order either way."""
+  if len(budgets) <= num_slots:
+    return list(range(len(budgets)))
+  return sorted(range(len(budgets)), key=lambda i: -int(budgets[i]))
+
+
 def _width(length: int) -> int:
   if length > WIDTH_STEP:
     return -(-length // WIDTH_STEP) * WIDTH_STEP
@@ -190,7 +202,7 @@ def rollout(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens
         token=jnp.zeros((num_slots,), jnp.int32), position=jnp.zeros((num_slots,), jnp.int32),
         remaining=jnp.zeros((num_slots,), jnp.int32), stops=jnp.full((num_slots, stops.shape[1]), -1, jnp.int32),
         done=jnp.ones((num_slots,), bool), cache=model.init_cache(num_slots, slots_per_row))
-    waiting = collections.deque(range(len(prompts)))
+    waiting = collections.deque(admission_order(budgets, num_slots))
     owner = [-1] * num_slots  # prompt index decoding in each slot
     out_tokens = [[] for _ in prompts]
     out_logprobs = [[] for _ in prompts]
