@@ -19,6 +19,7 @@ from pallas_kernels.newton_schulz import newton_schulz_reference
 from pallas_kernels.newton_schulz import newton_schulz_steps
 from pallas_kernels.newton_schulz import newton_schulz_steps_reference
 from pallas_kernels.newton_schulz import normalized_matrices
+from pallas_kernels.newton_schulz import normalizing_step
 
 pytestmark = pytest.mark.skipif(jax.default_backend() == 'gpu', reason='the kernel has no GPU backend')
 
@@ -90,6 +91,18 @@ def test_output_is_nearly_orthogonal():
   singular_values = np.linalg.svd(np.asarray(newton_schulz(_random_matrices((3, 24, 40)), dtype=jnp.float32)),
                                   compute_uv=False)
   assert singular_values.min() > 0.6 and singular_values.max() < 1.25
+
+
+@pytest.mark.parametrize('shape', [(3, 24, 40), (2, 40, 24)])
+def test_normalizing_step_is_one_step_from_the_normalized_matrices_at_any_scale(shape):
+  # The first step takes ||y||_F from the trace of its Gram matrix and divides inside P: in float32 it must equal
+  # normalizing first, then one plain step, whatever y's scale (each matrix of the stack its own).
+  y = _random_matrices(shape) * jnp.array([1e-3, 1e3, 7.0][:shape[0]])[:, None, None]
+  expected = newton_schulz_steps_reference(normalized_matrices(y, 1e-7, jnp.float32), 1)
+  with jax.default_matmul_precision('float32'):
+    actual = normalizing_step(y, eps=1e-7)
+  assert _relative_error(actual, expected) < 1e-5
+  assert _relative_error(normalizing_step(y[:1] * 1e4), normalizing_step(y[:1])) < 1e-5
 
 
 def test_zero_matrix_stays_zero():
