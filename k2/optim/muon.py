@@ -37,8 +37,7 @@ from k2.sharding import DEFAULT_RULES
 from pallas_kernels.newton_schulz import NS_COEFFS
 from pallas_kernels.newton_schulz import newton_schulz_steps
 from pallas_kernels.newton_schulz import newton_schulz_steps_reference
-from pallas_kernels.newton_schulz import normalizing_step
-from pallas_kernels.newton_schulz.reference import check_steps
+from pallas_kernels.newton_schulz.reference import from_unnormalized
 
 NS_IMPLS = ('auto', 'jnp', 'pallas')
 SHARD_NS_OPTIONS = ('auto', True, False)
@@ -59,13 +58,8 @@ def _steps_implementation(ns_impl: str) -> Callable[..., jax.Array]:
     raise ValueError(f'muon: ns_impl must be one of {NS_IMPLS}, got {ns_impl!r}')
   if ns_impl == 'auto':
     ns_impl = 'pallas' if jax.default_backend() == 'tpu' else 'jnp'
-  return functools.partial(_from_unnormalized,
+  return functools.partial(from_unnormalized,
                            newton_schulz_steps if ns_impl == 'pallas' else newton_schulz_steps_reference)
-
-
-def _from_unnormalized(run_steps, matrices, *, steps, coeffs, eps):
-  check_steps(steps)
-  return run_steps(normalizing_step(matrices, coeffs, eps), steps=steps - 1, coeffs=coeffs)
 
 
 def newton_schulz(

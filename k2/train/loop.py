@@ -96,11 +96,11 @@ _CLAIMED: dict[str, object] = {}  # workdir -> its open lock file, held until th
 
 
 def claim_workdir(workdir: str) -> None:
-  """Creates `workdir` (every process) and locks it for this process's lifetime (flock on workdir/.lock, which the kernel releases
-  when the process ends, killed or not): a second run on the same workdir, while this one lives, stops with a
-  ConfigError before it writes anything, instead of both writing checkpoints and metrics into it. A stage calls it
-  right before its first write; calling it again in the same process is a no-op. Only process 0 of a multi-process
-  job locks (its processes share the workdir)."""
+  """Creates `workdir` (every process) and locks it for this process's lifetime (flock on workdir/.lock, which the
+  kernel releases when the process ends, killed or not): a second run on the same workdir, while this one lives,
+  stops with a ConfigError before it writes anything, instead of both writing checkpoints and metrics into it. A
+  stage calls it right before its first write; calling it again in the same process is a no-op. Only process 0 of a
+  multi-process job locks (its processes share the workdir)."""
   path = os.path.abspath(workdir)
   os.makedirs(path, exist_ok=True)
   if jax.process_index() != 0 or path in _CLAIMED:

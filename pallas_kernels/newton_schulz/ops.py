@@ -13,8 +13,7 @@ import jax.numpy as jnp
 from pallas_kernels.newton_schulz import kernel
 from pallas_kernels.newton_schulz.kernel import BlockSizes
 from pallas_kernels.newton_schulz.reference import NS_COEFFS
-from pallas_kernels.newton_schulz.reference import check_steps
-from pallas_kernels.newton_schulz.reference import normalizing_step
+from pallas_kernels.newton_schulz.reference import from_unnormalized
 
 
 def _interpret_mode(interpret):
@@ -95,7 +94,5 @@ def newton_schulz(
   """
   if x.ndim < 2:
     raise ValueError(f'newton_schulz needs [..., n, m] matrices, got shape {x.shape}')
-  check_steps(steps)
-  matrices = newton_schulz_steps(normalizing_step(x.astype(dtype), coeffs, eps), steps=steps - 1, coeffs=coeffs,
-                                 interpret=interpret, block_sizes=block_sizes)
-  return matrices.astype(x.dtype)
+  run_steps = functools.partial(newton_schulz_steps, interpret=interpret, block_sizes=block_sizes)
+  return from_unnormalized(run_steps, x.astype(dtype), steps=steps, coeffs=coeffs, eps=eps).astype(x.dtype)

@@ -117,11 +117,14 @@ def newton_schulz_reference(
   """
   if x.ndim < 2:
     raise ValueError(f'newton_schulz needs [..., n, m] matrices, got shape {x.shape}')
-  check_steps(steps)
-  matrices = newton_schulz_steps_reference(normalizing_step(x.astype(dtype), coeffs, eps), steps - 1, coeffs)
-  return matrices.astype(x.dtype)
+  return from_unnormalized(newton_schulz_steps_reference, x.astype(dtype), steps=steps, coeffs=coeffs,
+                           eps=eps).astype(x.dtype)
 
 
-def check_steps(steps: int) -> None:
+def from_unnormalized(run_steps, y: jax.Array, *, steps: int, coeffs: tuple[float, float, float],
+                      eps: float) -> jax.Array:
+  """Newton-Schulz of matrices not normalized yet (in the iteration dtype): `normalizing_step`, then the other
+  steps - 1 with `run_steps` (this module's steps, or the Pallas kernel's)."""
   if steps < 1:
     raise ValueError(f'newton_schulz needs at least one step (the first one normalizes), got steps={steps}')
+  return run_steps(normalizing_step(y, coeffs, eps), steps=steps - 1, coeffs=coeffs)
